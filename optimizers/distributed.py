@@ -1,0 +1,221 @@
+"""One sharded distributed base for matrix optimizers (Muon, spectral-ORD, spectral-echo).
+
+How a step runs (`ShardedMatrixOptimizer.step`):
+  1. Within each param group, parameters are bucketed by (shape, dtype, device), in group order.
+  2. For every bucket the local gradients are stacked to (n, *shape), zero-padded to per_rank * world_size
+     entries (per_rank = ceil(n / world_size)) and reduce-scattered with SUM; the owner divides by world_size.
+     All buckets' reductions are launched (async) before any bucket is processed, so communication overlaps
+     with the maths of earlier buckets.
+  3. Rank r owns stack entries [r * per_rank, (r + 1) * per_rank) clipped to [0, n). For its owned slice it
+     calls `compute_update(group, owned, W, grads, states)` -> U (n_own, *shape), then applies
+         W <- W * (1 - lr * weight_decay * weight_decay_mul)      (decoupled weight decay)
+         W <- W - lr * update_scale(shape) * U
+  4. The updated owned slices are all-gathered (async, waited at the end) and copied back, so every rank ends
+     with identical parameters.
+Without an initialised process group (world size 1) there is no communication at all: the single rank owns
+every entry and the same steps 1-3 run on the full stacks.
+
+Subclass contract:
+  - `compute_update(group, owned, W, grads, states) -> U`: `owned` is the list of owned parameter tensors,
+    `W` (n_own, *shape) a stacked copy of their current values (before weight decay; do not modify it),
+    `grads` whatever `reduce_gradients(...).wait()` returned (by default the (n_own, *shape) averaged gradient
+    stack), `states` the list of per-parameter state dicts (`self.state[p]`, lazily filled by the subclass).
+    Return the update direction U (n_own, *shape) in W's dtype; the base applies lr, scale and weight decay.
+  - `reduce_gradients(bucket) -> PendingGrads`: starts the reduction of one bucket; `.wait()` must return the
+    value passed as `grads` to `compute_update`. Override it to deliver something else to the owner
+    (e.g. per-replicate partial sums); it is called for all buckets before the first `wait()`.
+  - `update_scale(shape)`: lr multiplier per shape, default max(1, M/N)^0.5 with (M, N) the last two dims.
+  - `validate_group(group)` / `validate_param(p)`: argument checks, run for every param group added.
+
+Gradients: a parameter with `requires_grad=False` is left out (the same on every rank). A parameter that
+requires grad but has `grad is None` on this rank contributes a zero gradient, so all ranks stay in step
+(its momentum still decays and weight decay still applies).
+
+Each group gets a key "step": the number of completed `step()` calls for that group (saved in state_dict).
+Under a process group each rank's `state` holds only the parameters it owns.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when a process group is initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    """p.grad, or zeros of p's shape/dtype when this rank produced no gradient for p."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+@dataclass
+class Bucket:
+    """Same-shape, same-dtype parameters of one param group, sharded over ranks.
+
+    Rank r owns stack entries [r * per_rank, (r + 1) * per_rank) clipped to [0, len(params)).
+    """
+
+    group: dict
+    params: list[torch.Tensor]
+    rank: int
+    world_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.params[0].shape
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(len(self.params) / self.world_size)
+
+    @property
+    def owned_start(self) -> int:
+        return min(self.rank * self.per_rank, len(self.params))
+
+    @property
+    def owned(self) -> list[torch.Tensor]:
+        return self.params[self.owned_start:self.owned_start + self.per_rank]
+
+    def stacked_grads(self) -> torch.Tensor:
+        """Local gradients (per_rank * world_size, *shape), zero-padded past len(params)."""
+        first = self.params[0]
+        dtype = first.grad.dtype if first.grad is not None else first.dtype
+        stack = torch.zeros((self.per_rank * self.world_size, *self.shape), dtype=dtype, device=first.device)
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                stack[i].copy_(p.grad)
+        return stack
+
+
+class PendingGrads:
+    """An in-flight gradient reduction. wait() returns the owner's reduced gradients.
+
+    value: the tensor (or any object) the collective writes into; divisor: applied once after the wait
+    (SUM -> mean, since gloo lacks an AVG reduce-op for some collectives).
+    """
+
+    def __init__(self, value: Any, work: Any = None, divisor: int = 1,
+                 finish: Callable[[Any], Any] | None = None):
+        self._value, self._work, self._divisor, self._finish = value, work, divisor, finish
+        self._done = False
+
+    def wait(self) -> Any:
+        if not self._done:
+            if self._work is not None:
+                self._work.wait()
+            if self._divisor != 1:
+                self._value.div_(self._divisor)
+            if self._finish is not None:
+                self._value = self._finish(self._value)
+            self._done = True
+        return self._value
+
+
+class ShardedMatrixOptimizer(torch.optim.Optimizer):
+    """Base for optimizers of 2-D / 3-D weight matrices; see the module docstring for the contract."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+
+    # ---- hooks for subclasses -------------------------------------------------------------------------
+    def validate_group(self, group: dict) -> None:
+        """Raise ValueError on a bad hyperparameter in `group` (called for every group added)."""
+
+    def validate_param(self, p: torch.Tensor) -> None:
+        if p.ndim < 2:
+            raise ValueError(
+                f"{type(self).__name__} updates matrices (2-D) or stacks of matrices (3-D); got a parameter of "
+                f"shape {tuple(p.shape)}. Route 1-D parameters (biases, gains, scalars) and embeddings to "
+                f"optimizers.DistAdam instead.")
+
+    def update_scale(self, shape: torch.Size) -> float:
+        """lr multiplier max(1, M/N)^0.5 for matrices (M, N) (last two dims): tall matrices step further."""
+        rows, cols = shape[-2], shape[-1]
+        return max(1.0, rows / cols) ** 0.5
+
+    def compute_update(self, group: dict, owned: list[torch.Tensor], W: torch.Tensor, grads: Any,
+                       states: list[dict]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_update")
+
+    def reduce_gradients(self, bucket: Bucket) -> PendingGrads:
+        """Start averaging this bucket's gradients over ranks; the owner gets its slice (n_own, *shape)."""
+        n_own = len(bucket.owned)
+        if bucket.world_size == 1:
+            stack = bucket.stacked_grads()  # (n, *shape): nothing to pad or communicate
+            return PendingGrads(stack)
+        stack = bucket.stacked_grads()  # (per_rank * world_size, *shape)
+        owned = torch.empty((bucket.per_rank, *bucket.shape), dtype=stack.dtype, device=stack.device)
+        work = dist.reduce_scatter_tensor(owned, stack, op=dist.ReduceOp.SUM, async_op=True)
+        return PendingGrads(owned, work, divisor=bucket.world_size, finish=lambda g: g[:n_own])
+
+    # ---- machinery ------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("weight_decay_mul", 1.0)
+        group.setdefault("step", 0)
+        self.validate_group(group)
+        for p in group["params"]:
+            self.validate_param(p)
+
+    def make_buckets(self, rank: int, world_size: int) -> list[Bucket]:
+        buckets = []
+        for group in self.param_groups:
+            by_key: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.requires_grad:
+                    by_key.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            buckets += [Bucket(group, ps, rank, world_size) for ps in by_key.values()]
+        return buckets
+
+    def _update_bucket(self, bucket: Bucket, grads: Any) -> Callable[[], None]:
+        """Update the owned slice; return a function that finishes the all-gather and copies back."""
+        owned, group = bucket.owned, bucket.group
+        first = bucket.params[0]
+        if bucket.world_size == 1:
+            send = torch.stack(owned)  # (n, *shape) working copy
+        else:
+            send = torch.zeros((bucket.per_rank, *bucket.shape), dtype=first.dtype, device=first.device)
+            for dst, p in zip(send, owned):
+                dst.copy_(p)
+        W = send[:len(owned)]  # (n_own, *shape)
+        if owned:
+            states = [self.state[p] for p in owned]
+            update = self.compute_update(group, owned, W, grads, states)
+            W.mul_(1 - group["lr"] * group["weight_decay"] * group["weight_decay_mul"])
+            W.add_(update, alpha=-group["lr"] * self.update_scale(bucket.shape))
+        if bucket.world_size == 1:
+            torch._foreach_copy_(owned, list(W.unbind(0)))
+            return lambda: None
+        full = torch.empty((bucket.per_rank * bucket.world_size, *bucket.shape), dtype=send.dtype,
+                           device=send.device)
+        work = dist.all_gather_into_tensor(full, send, async_op=True)
+
+        def finish() -> None:
+            work.wait()
+            torch._foreach_copy_(bucket.params, list(full[:len(bucket.params)].unbind(0)))
+        return finish
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world_size = dist_info()
+        buckets = self.make_buckets(rank, world_size)
+        pending = [self.reduce_gradients(b) for b in buckets]  # launch every reduction before any wait
+        finishers = [self._update_bucket(b, grads.wait()) for b, grads in zip(buckets, pending)]
+        for finish in finishers:
+            finish()
+        for group in self.param_groups:
+            group["step"] += 1
+        return loss

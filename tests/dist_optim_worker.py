@@ -1,0 +1,105 @@
+"""Distributed optimizer check: every rank feeds its own gradients; each rank saves its final parameters.
+
+    torchrun --standalone --nproc_per_node=2 tests/dist_optim_worker.py OUT_DIR SCENARIO [SCENARIO ...]
+
+writes OUT_DIR/rank<r>.pt = {scenario: [final parameter tensors]}. The tests import this file too and run the
+same scenarios in one process on the rank-averaged gradients (`run_scenario(name, averaged_grads(2))`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from optimizers import AdamWMatrix, DistAdam, Muon  # noqa: E402
+
+# Bucket sizes 3, 2, 1 and 1: none is a multiple of 2 ranks; (5, 5) alone leaves rank 1 owning nothing.
+MATRIX_SHAPES = [(8, 12), (8, 12), (12, 8), (8, 12), (12, 8), (2, 6, 10), (5, 5)]
+# (6, 4), (4,) are sharded by rows over 2 ranks; (5, 3), (7,), () are all-reduced.
+ADAM_SHAPES = [(6, 4), (5, 3), (7,), (), (4,)]
+STEPS = 10
+
+
+def make_params(shapes: list[tuple], seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.5) for shape in shapes]
+
+
+def rank_grads(shapes: list[tuple], rank: int):
+    """Gradient function (step -> list of tensors) for one rank: different on each rank and step."""
+    def grads(step: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(10_000 * step + rank + 1)
+        return [torch.randn(shape, generator=gen) for shape in shapes]
+    return grads
+
+
+def averaged_grads(shapes: list[tuple], world_size: int):
+    """Gradient function giving the mean over ranks, summed then divided as the optimizers do."""
+    per_rank = [rank_grads(shapes, r) for r in range(world_size)]
+
+    def grads(step: int) -> list[torch.Tensor]:
+        total = [sum(parts) for parts in zip(*(g(step) for g in per_rank))]
+        return [t / world_size for t in total]
+    return grads
+
+
+def matrix_groups(params: list[torch.nn.Parameter], **hyper) -> list[dict]:
+    """Two groups that share shapes, with different lr and weight-decay multiplier."""
+    return [dict(params=params[:4] + params[5:6], **hyper),
+            dict(params=[params[4], params[6]], lr=0.01, weight_decay_mul=2.0)]
+
+
+def build(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if name == "muon":
+        return Muon(matrix_groups(params), lr=0.02, momentum=0.9, weight_decay=0.1)
+    if name == "muon_plain":  # no Nesterov, two groups
+        return Muon(matrix_groups(params), lr=0.02, momentum=0.8, nesterov=False, weight_decay=0.1)
+    if name == "adam":
+        return DistAdam([dict(params=params[:3]), dict(params=params[3:], lr=0.02, weight_decay_mul=0.5)],
+                        lr=0.01, weight_decay=0.1)
+    if name == "adamw_matrix":
+        return AdamWMatrix(params, lr=0.01, momentum=0.95, weight_decay=0.1)
+    if name.startswith("ord"):
+        from optimizers.spectral_ord import SpectralORD
+        options = {
+            "ord0": dict(spectral_lr_mul=0.0, decompose=False),
+            "ord_decomp": dict(spectral_lr_mul=0.5, decompose=True, reproject=True, scale_mode="matched"),
+        }[name]
+        return SpectralORD(matrix_groups(params), lr=0.02, momentum=0.9, weight_decay=0.1, **options)
+    raise ValueError(f"unknown scenario {name!r}")
+
+
+def shapes_for(name: str) -> list[tuple]:
+    return ADAM_SHAPES if name == "adam" else MATRIX_SHAPES
+
+
+def run_scenario(name: str, grads_fn, steps: int = STEPS) -> list[torch.Tensor]:
+    """Run `steps` optimizer steps from the seeded initial parameters; return the final parameters."""
+    params = make_params(shapes_for(name))
+    opt = build(name, params)
+    for step in range(steps):
+        for p, g in zip(params, grads_fn(step)):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def main() -> None:
+    out_dir, scenarios = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        results = {name: run_scenario(name, rank_grads(shapes_for(name), rank)) for name in scenarios}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Muon, DistAdam and the shared sharded base: maths against hand computations, torch.optim.AdamW parity,
+state_dict resume, and 2-process gloo runs against a single process on the averaged gradients."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.polar_express import msign_reference
+from optimizers import OPTIMIZERS, AdamWMatrix, DistAdam, Muon, get_optimizer_class
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(TESTS_DIR, "dist_optim_worker.py")
+
+
+def load_worker():
+    spec = importlib.util.spec_from_file_location("dist_optim_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_torchrun(out_dir: str, scenarios: list[str], nproc: int = 2) -> list[dict]:
+    """Launch the worker on `nproc` gloo ranks; return each rank's {scenario: final params}."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           WORKER, out_dir, *scenarios]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(nproc)]
+
+
+def params_like(tensors):
+    return [torch.nn.Parameter(t.clone()) for t in tensors]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def save_and_load(state_dict: dict) -> dict:
+    """A state_dict as a checkpoint file would return it (no tensors shared with the live optimizer)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def msign64(G):
+    return msign_reference(G, 5, compute_dtype=torch.float64)
+
+
+# ---- Muon ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (2, 6, 10)], ids=["tall", "wide", "stack3d"])
+def test_muon_two_steps_match_hand_computation(shape):
+    gen = torch.Generator().manual_seed(0)
+    W0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    g1, g2 = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    lr, mu, wd = 0.05, 0.9, 0.3
+    (p,) = params = params_like([W0])
+    opt = Muon(params, lr=lr, momentum=mu, weight_decay=wd)
+    scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+    # hand computation: buf_t = mu buf_{t-1} + (1 - mu) g_t; nesterov g_eff = (1 - mu) g_t + mu buf_t
+    buf1 = (1 - mu) * g1
+    W1 = W0 * (1 - lr * wd) - lr * scale * msign64((1 - mu) * g1 + mu * buf1)
+    buf2 = mu * buf1 + (1 - mu) * g2
+    W2 = W1 * (1 - lr * wd) - lr * scale * msign64((1 - mu) * g2 + mu * buf2)
+    set_grads(params, [g1])
+    opt.step()
+    torch.testing.assert_close(p.detach(), W1, rtol=0, atol=2e-6)  # msign runs in float32 on CPU
+    set_grads(params, [g2])
+    opt.step()
+    torch.testing.assert_close(p.detach(), W2, rtol=0, atol=4e-6)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf2, rtol=1e-12, atol=1e-12)
+
+
+def test_muon_without_nesterov_uses_the_buffer():
+    gen = torch.Generator().manual_seed(1)
+    W0, g = torch.randn(6, 9, generator=gen, dtype=torch.float64), torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    (p,) = params = params_like([W0])
+    opt = Muon(params, lr=0.1, momentum=0.5, nesterov=False)
+    set_grads(params, [g])
+    opt.step()
+    torch.testing.assert_close(p.detach(), W0 - 0.1 * msign64(0.5 * g), rtol=0, atol=2e-6)
+
+
+def test_orientations_and_3d_stacks_are_orthogonalised_per_matrix():
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(2, 6, 10, generator=gen)
+    W = torch.randn(2, 6, 10, generator=gen)
+    # tall == sqrt(M/N) * transpose of wide; a (2, 6, 10) stack == two separate (6, 10) matrices
+    tall, wide, stack, a, b = params = params_like([W[0].mT, W[0], W, W[0], W[1]])
+    set_grads(params, [G[0].mT, G[0], G, G[0], G[1]])
+    Muon(params, lr=0.1, momentum=0.0).step()
+    step_tall, step_wide = (W[0].mT - tall.detach()), (W[0] - wide.detach())
+    torch.testing.assert_close(step_tall, (10 / 6) ** 0.5 * step_wide.mT, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stack.detach(), torch.stack([a.detach(), b.detach()]), rtol=1e-5, atol=1e-6)
+    # the step is orthogonal-ish: singular values of O = step / lr near 1 (Polar Express, 5 steps)
+    sv = torch.linalg.svdvals(step_wide.double() / 0.1)
+    assert sv.min() > 0.6 and sv.max() < 1.3, sv
+
+
+def test_weight_decay_multipliers_per_group():
+    gen = torch.Generator().manual_seed(3)
+    W = [torch.randn(4, 5, generator=gen) for _ in range(3)]
+    params = params_like(W)
+    opt = Muon([dict(params=params[:2]), dict(params=params[2:], weight_decay_mul=2.5, lr=0.2)],
+               lr=0.1, weight_decay=0.3)
+    set_grads(params, [torch.zeros(4, 5)] * 3)  # zero gradient: the step is pure decoupled decay
+    opt.step()
+    for p, w0, lr, mul in zip(params, W, [0.1, 0.1, 0.2], [1.0, 1.0, 2.5]):
+        torch.testing.assert_close(p.detach(), w0 * (1 - lr * 0.3 * mul), rtol=1e-6, atol=0)
+
+
+def test_missing_grad_counts_as_zero_and_frozen_params_are_left_alone():
+    W = torch.randn(4, 5)
+    p, frozen = params_like([W, W])
+    frozen.requires_grad_(False)
+    opt = Muon([p, frozen], lr=0.1, weight_decay=0.5)
+    opt.step()  # p.grad is None
+    torch.testing.assert_close(p.detach(), W * 0.95)
+    assert torch.equal(frozen, W) and frozen not in opt.state
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: Muon(ps, lr=0.05, momentum=0.9, weight_decay=0.1),
+    lambda ps: DistAdam(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: AdamWMatrix(ps, lr=0.01, momentum=0.9, weight_decay=0.1),
+], ids=["muon", "dist_adam", "adamw_matrix"])
+def test_state_dict_round_trip(make):
+    worker = load_worker()
+    shapes = worker.MATRIX_SHAPES
+    grads = worker.rank_grads(shapes, 0)
+    a = worker.make_params(shapes)
+    opt_a = make(a)
+    for step in range(3):
+        set_grads(a, grads(step))
+        opt_a.step()
+    b = params_like([p.detach() for p in a])
+    opt_b = make(b)
+    opt_b.load_state_dict(save_and_load(opt_a.state_dict()))
+    for step in range(3, 6):
+        for params, opt in ((a, opt_a), (b, opt_b)):
+            set_grads(params, grads(step))
+            opt.step()
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(msign_steps=0), "msign_steps"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+])
+def test_muon_rejects_bad_hyperparameters(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Muon([torch.nn.Parameter(torch.randn(3, 3))], **bad)
+
+
+def test_muon_rejects_vectors_and_points_to_dist_adam():
+    with pytest.raises(ValueError, match="DistAdam"):
+        Muon([torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))])
+    with pytest.raises(ValueError, match="betas"):
+        DistAdam([torch.nn.Parameter(torch.randn(3))], lr=0.1, betas=(0.9, 1.0))
+
+
+def test_registry():
+    assert get_optimizer_class("muon") is Muon and get_optimizer_class("adamw") is AdamWMatrix
+    with pytest.raises(ValueError, match="muon"):
+        get_optimizer_class("sgd")
+    assert all(issubclass(cls, torch.optim.Optimizer) for cls in OPTIMIZERS.values())
+
+
+# ---- DistAdam --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, betas, eps", [
+    (lambda ps: DistAdam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1), (0.8, 0.95), 1e-10),
+    (lambda ps: AdamWMatrix(ps, lr=0.01, momentum=0.5, weight_decay=0.1), (0.9, 0.95), 1e-8),
+], ids=["dist_adam", "adamw_matrix"])
+def test_dist_adam_matches_torch_adamw(make, betas, eps):
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(6, 4), (7,), ()]
+    W = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ours, ref = params_like(W), params_like(W)
+    opt = make(ours)
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, betas=betas, eps=eps, weight_decay=0.1)
+    for _ in range(5):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        set_grads(ours, grads)
+        set_grads(ref, grads)
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-14)
+
+
+# ---- 2-process gloo vs single process on averaged gradients ----------------------------------------------
+SCENARIOS = ["muon", "muon_plain", "adam", "adamw_matrix"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    return run_torchrun(str(tmp_path_factory.mktemp("dist_optim")), SCENARIOS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_two_ranks_match_single_process_on_averaged_grads(two_rank_results, scenario):
+    worker = load_worker()
+    reference = worker.run_scenario(scenario, worker.averaged_grads(worker.shapes_for(scenario), 2))
+    rank0, rank1 = (r[scenario] for r in two_rank_results)
+    for p0, p1, ref in zip(rank0, rank1, reference):
+        assert torch.equal(p0, p1), "ranks ended with different parameters"
+        torch.testing.assert_close(p0, ref, rtol=1e-5, atol=1e-5)
+    # the run moved the parameters (a no-op optimizer would also make the ranks agree)
+    initial = worker.make_params(worker.shapes_for(scenario))
+    assert all(not torch.allclose(p, w) for p, w in zip(rank0, initial))
