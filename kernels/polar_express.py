@@ -39,6 +39,27 @@ def msign_reference(G: torch.Tensor, steps: int = 5, compute_dtype: torch.dtype 
     compute_dtype: dtype of the iteration (default: bfloat16 on CUDA, float32 on CPU; pass
     torch.float64 for a high-precision reference).
     """
+    return polar_iterate_reference(G, polar_express_coeffs(steps), compute_dtype)
+
+
+# Quintic Newton-Schulz step p(x) = (15 x - 10 x^3 + 3 x^5) / 8: p(1) = 1, p'(1) = p''(1) = 0.
+# After the Polar Express steps (singular values in [0.85, 1.15]) each such step squares the
+# remaining distance to 1 and more, so a step or two "polish" the polar factor.
+NEWTON_SCHULZ_QUINTIC: tuple[float, float, float] = (15 / 8, -10 / 8, 3 / 8)
+
+
+def polar_coeffs(steps: int = 5, polish: int = 0) -> list[tuple[float, float, float]]:
+    """Polar Express triples for `steps` iterations followed by `polish` quintic Newton-Schulz steps."""
+    if polish < 0:
+        raise ValueError(f"polish must be >= 0, got {polish}")
+    return polar_express_coeffs(steps) + [NEWTON_SCHULZ_QUINTIC] * polish
+
+
+def polar_iterate_reference(G: torch.Tensor, coeffs, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-torch odd-polynomial polar iteration with the given (a, b, c) triples.
+
+    G: (..., M, N), any float dtype; returns G's shape and dtype. compute_dtype as in msign_reference.
+    """
     if G.ndim < 2:
         raise ValueError(f"msign needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     if compute_dtype is None:
@@ -49,7 +70,7 @@ def msign_reference(G: torch.Tensor, steps: int = 5, compute_dtype: torch.dtype 
         X = X.mT  # work on the wide side: (..., M, N) with M <= N
     norm = X.float().norm(dim=(-2, -1), keepdim=True)
     X = X / (norm * NORM_SAFETY + NORM_EPS).to(compute_dtype)
-    for a, b, c in polar_express_coeffs(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT  # (..., M, M)
         B = b * A + c * (A @ A)
         X = a * X + B @ X
