@@ -1,0 +1,233 @@
+"""Echo estimation (optimizers/echo.py) against closed forms and a known true gradient (float64)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optimizers import echo
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small float64 SVDs are several times faster on one thread than on two busy cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def spiked(M, N, spikes, scale, gen):
+    """True G = sum_j spikes[j] * scale * u_j v_j^T with random orthonormal u, v: (M, N) float64."""
+    U, _ = torch.linalg.qr(torch.randn(M, len(spikes), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(N, len(spikes), generator=gen, dtype=torch.float64))
+    return (U * (torch.tensor(spikes, dtype=torch.float64) * scale)) @ V.T
+
+
+def test_gavish_donoho_eta_matches_spike_closed_form():
+    # A spike x (noise units) is observed at y = sqrt((x^2+1)(x^2+beta))/x with cosines
+    # c_u^2 = (1 - beta/x^4)/(1 + beta/x^2), c_v^2 = (1 - beta/x^4)/(1 + 1/x^2) (M <= N, beta = M/N);
+    # the amplitude echo x c_u c_v must equal eta(y).
+    for beta in (0.25, 0.5, 1.0):
+        x = np.array([1.2, 1.5, 2.0, 4.0, 10.0]) * beta ** 0.25
+        y = np.sqrt((x ** 2 + 1) * (x ** 2 + beta)) / x
+        cu = np.sqrt((1 - beta / x ** 4) / (1 + beta / x ** 2))
+        cv = np.sqrt((1 - beta / x ** 4) / (1 + 1 / x ** 2))
+        np.testing.assert_allclose(echo.gavish_donoho_eta(y, beta), x * cu * cv, rtol=1e-10)
+        assert echo.gavish_donoho_eta(np.array([0.5, 1 + math.sqrt(beta) - 1e-9]), beta).tolist() == [0.0, 0.0]
+
+
+def test_estimated_echo_agrees_with_gavish_donoho_within_standard_errors():
+    M, N, K, sigma = 60, 120, 16, 0.1
+    spikes = [6.0, 4.0, 3.0]  # in noise units of the atom matrix (mean of K/2 replicates)
+    scale = sigma / math.sqrt(K // 2) * math.sqrt(N)
+    gen = torch.Generator().manual_seed(1)
+    G = spiked(M, N, spikes, scale, gen)
+    z = []
+    for _ in range(20):
+        R = G + sigma * torch.randn(K, M, N, generator=gen, dtype=torch.float64)
+        est = echo.estimate_echo(R, n_splits=4, seed=int(torch.randint(0, 10**6, (1,), generator=gen)))
+        assert abs(est.sigma / sigma - 1) < 0.01  # sigma from replicate spread
+        _, e, se = est.mean_curve()
+        gd = np.mean([echo.gavish_donoho_echo(s, est.sigma, (M, N), est.n_atom) for s in est.s], axis=0)
+        z.append((e[:3].numpy() - gd[:3]) / se[:3].numpy())
+    z = np.array(z)  # (draws, spikes)
+    assert np.abs(z).max() < 3.5, z  # every draw within its standard errors
+    # and no systematic offset: mean z within 3 standard errors of a mean of 20 (z has sd <= 1)
+    assert np.abs(z.mean(0)).max() < 3 / math.sqrt(20), z.mean(0)
+    # bulk atoms: closed form says zero echo; the estimate is small compared with the top atoms
+    assert float(e[10:].abs().max()) < 0.2 * float(e[0])
+
+
+def test_cross_projection_is_unbiased_for_the_true_echo_of_its_atoms():
+    # True echo of the atom matrix's atoms: a_i = u_i^T G v_i with G known. Over many draws the mean of
+    # (a_hat - a) must be zero within a few standard errors of the mean, atom by atom; and the mean
+    # squared error must match the mean of se^2 (se is calibrated).
+    M, N, K, sigma = 24, 48, 8, 0.2
+    gen = torch.Generator().manual_seed(2)
+    G = spiked(M, N, [5.0, 3.0, 2.0, 1.0], sigma * math.sqrt(N / 4), gen)
+    diffs, ses, insample = [], [], []
+    for _ in range(400):
+        R = G + sigma * torch.randn(K, M, N, generator=gen, dtype=torch.float64)
+        cp = echo.cross_project_split(R, range(4), range(4, 8))
+        U, S, Vh = torch.linalg.svd(R[:4].mean(0), full_matrices=False)
+        true_echo = ((G @ Vh.T) * U).sum(0)
+        diffs.append(cp.echo - true_echo)
+        ses.append(cp.se)
+        insample.append(S - true_echo)
+    d, se = torch.stack(diffs), torch.stack(ses)  # (draws, r)
+    z_mean = d.mean(0) / (d.std(0) / math.sqrt(d.size(0)))
+    assert z_mean.abs().max() < 4.0, z_mean
+    assert z_mean.abs().mean() < 1.2  # |N(0,1)| has mean 0.8
+    mse_ratio = (d ** 2).mean(0) / (se ** 2).mean(0)
+    assert ((mse_ratio > 0.75) & (mse_ratio < 1.33)).all(), mse_ratio
+    # the same test detects the in-sample estimate (atoms probed with their own replicates) as biased
+    ins = torch.stack(insample)
+    assert (ins.mean(0) / (ins.std(0) / math.sqrt(ins.size(0)))).abs().max() > 20
+
+
+def test_probing_with_atom_replicates_is_refused():
+    R = torch.randn(6, 5, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="both the atom set and the probe set"):
+        echo.cross_project_split(R, [0, 1, 2], [2, 3])
+    with pytest.raises(ValueError, match="identical to atom replicate"):
+        echo.cross_project(R[:3], R[2:5])
+    with pytest.raises(ValueError, match="identical to atom replicate"):
+        echo.cross_project(R[:3], R[1:2].clone())  # equal values in a different tensor
+    with pytest.raises(ValueError, match="shape \\(K, M, N\\)"):
+        echo.estimate_echo(R[0])
+    with pytest.raises(ValueError, match="n_probe"):
+        echo.estimate_echo(R, n_probe=6)
+
+
+def test_splits_are_disjoint_and_leave_one_out_probes_each_replicate_once():
+    for a, p in echo.random_splits(9, 6, n_probe=3, seed=3):
+        assert not set(a) & set(p) and len(a) == 6 and len(p) == 3
+    R = torch.randn(5, 6, 8, dtype=torch.float64)
+    est = echo.estimate_echo(R, leave_one_out=True)
+    assert [p for _, p in est.splits] == [[k] for k in range(5)]
+    assert est.n_atom == 4 and torch.isnan(est.se).all()
+    # leave-one-out split k: echo = u^T R_k v for the atoms of the mean of the other four
+    U, S, Vh = torch.linalg.svd(R[1:].mean(0), full_matrices=False)
+    torch.testing.assert_close(est.echo[0], torch.diag(U.T @ R[0] @ Vh.T))
+    _, _, se = est.mean_curve()
+    assert torch.isfinite(se).all()
+
+
+def test_momentum_atoms_come_from_the_blended_matrix():
+    R = torch.randn(4, 5, 6, dtype=torch.float64)
+    buf = torch.randn(5, 6, dtype=torch.float64)
+    cp = echo.cross_project(R[:2], R[2:], momentum_buffer=buf, momentum=0.9)
+    U, S, Vh = torch.linalg.svd(0.9 * buf + 0.1 * R[:2].mean(0), full_matrices=False)
+    torch.testing.assert_close(cp.s, S)
+    torch.testing.assert_close(cp.echo, torch.diag(U.T @ R[2:].mean(0) @ Vh.T))
+
+
+def test_noise_scales_are_unbiased():
+    M, N, K, sigma = 10, 20, 6, 0.5
+    gen = torch.Generator().manual_seed(4)
+    G = torch.randn(M, N, generator=gen, dtype=torch.float64) * 0.1
+    out = [echo.noise_scales(G + sigma * torch.randn(K, M, N, generator=gen, dtype=torch.float64), batch_size=32)
+           for _ in range(300)]
+    grad_sq = np.array([o["grad_sq"] for o in out])
+    trace = np.array([o["noise_trace"] for o in out])
+    true_sq, true_trace = float((G ** 2).sum()), sigma ** 2 * M * N
+    assert abs(grad_sq.mean() - true_sq) < 4 * grad_sq.std() / math.sqrt(len(out))
+    assert abs(trace.mean() - true_trace) < 4 * trace.std() / math.sqrt(len(out))
+    # one draw with little noise: B_simple = b tr(Sigma) / ||G||^2 close to the truth
+    o = echo.noise_scales(G + 1e-3 * torch.randn(K, M, N, generator=gen, dtype=torch.float64), batch_size=32)
+    assert o["b_simple"] == pytest.approx(32 * 1e-6 * M * N / true_sq, rel=0.1)
+
+
+def test_noise_anisotropy_is_one_for_isotropic_noise_and_larger_along_a_noisy_direction():
+    M, N, K, sigma = 20, 30, 40, 0.3
+    gen = torch.Generator().manual_seed(5)
+    G = spiked(M, N, [8.0, 6.0], sigma * math.sqrt(N), gen)
+    R = G + sigma * torch.randn(K, M, N, generator=gen, dtype=torch.float64)
+    cp = echo.cross_project_split(R, range(20), range(20, 40))
+    assert echo.noise_anisotropy(cp, echo.noise_sigma(R), top=2) == pytest.approx(1.0, abs=0.5)
+    # add strong noise along the top atom: anisotropy along it grows
+    u, v = torch.linalg.svd(G)[0][:, :1], torch.linalg.svd(G)[2][:1].T
+    R2 = R + 5 * sigma * torch.randn(K, 1, 1, generator=gen, dtype=torch.float64) * (u @ v.T)
+    cp2 = echo.cross_project_split(R2, range(20), range(20, 40))
+    assert echo.noise_anisotropy(cp2, echo.noise_sigma(R2), top=1) > 5
+
+
+def test_binned_ratio_is_ratio_of_sums():
+    s = torch.tensor([1.0, 1.5, 2.0, 8.0, 9.0])
+    e = torch.tensor([0.1, 0.0, 0.4, 6.0, 8.0])
+    se = torch.tensor([0.1, 0.1, 0.1, 0.2, 0.2])
+    b = echo.binned_ratio(s, e, se, edges=np.array([0.5, 4.0, 10.0]))
+    np.testing.assert_allclose(b.ratio, [0.5 / 4.5, 14.0 / 17.0])
+    np.testing.assert_allclose(b.ratio_se, [math.sqrt(0.03) / 4.5, math.sqrt(0.08) / 17.0])
+    np.testing.assert_allclose(b.s_mean, [1.5, 8.5])
+    assert b.count.tolist() == [3, 2]
+    # pooled over groups (splits): ratio of the pooled sums, se = mean of the per-group se
+    g = torch.tensor([0, 0, 1, 0, 1])
+    bg = echo.binned_ratio(s, e, se, edges=np.array([0.5, 4.0, 10.0]), group=g)
+    np.testing.assert_allclose(bg.ratio, b.ratio)
+    np.testing.assert_allclose(bg.ratio_se[1], 0.5 * (0.2 / 8.0 + 0.2 / 9.0))
+
+
+def test_bootstrap_band_matches_the_standard_error_of_an_isolated_atom():
+    # One split, a bin holding only the top atom: the 90% bootstrap band over probes has half-width
+    # about 1.645 * se * sqrt((p - 1) / p) (the bootstrap's plug-in variance) and contains the point.
+    M, N, K, sigma = 20, 40, 64, 0.2
+    gen = torch.Generator().manual_seed(6)
+    G = spiked(M, N, [6.0, 4.0], sigma * math.sqrt(N / 32), gen)
+    R = G + sigma * torch.randn(K, M, N, generator=gen, dtype=torch.float64)
+    est = echo.estimate_echo(R, n_splits=1)
+    s0, se0 = float(est.s[0, 0]), float(est.se[0, 0])
+    point, lo, hi = echo.bootstrap_binned_ratio(est, np.array([0.99 * s0, 1.01 * s0]), n_boot=2000)
+    assert point[0] == pytest.approx(float(est.echo[0, 0]) / s0)
+    assert lo[0] < point[0] < hi[0]
+    expected = 1.645 * se0 / s0 * math.sqrt((K // 2 - 1) / (K // 2))
+    assert (hi[0] - lo[0]) / 2 == pytest.approx(expected, rel=0.15)
+
+
+def test_isotonic_fit_pools_adjacent_violators():
+    np.testing.assert_allclose(echo.isotonic_fit(np.array([1.0, 3.0, 2.0, 4.0])), [1.0, 2.5, 2.5, 4.0])
+    np.testing.assert_allclose(echo.isotonic_fit(np.array([3.0, 1.0]), np.array([1.0, 3.0])), [1.5, 1.5])
+    y = np.random.default_rng(0).normal(size=50)
+    fit = echo.isotonic_fit(y)
+    assert (np.diff(fit) >= -1e-12).all() and fit.mean() == pytest.approx(y.mean())
+
+
+@pytest.mark.parametrize("family, params", [
+    ("hill", {"tau": 2.0}),
+    ("hill_floor", {"r0": 0.05, "tau": 3.0}),
+    ("hill_ceiling", {"r_max": 0.4, "tau": 1.5}),
+    ("hill_power", {"tau": 2.0, "power": 3.0}),
+    ("hill3", {"r0": 0.03, "r_max": 0.5, "tau": 2.5}),
+    ("soft_sign", {"r_max": 0.7, "c": 4.0}),
+])
+def test_curve_fits_recover_known_constants(family, params):
+    fam = echo.CURVE_FAMILIES[family]
+    s = np.geomspace(0.2, 30.0, 25)
+    # curve evaluated directly in raw units (s_ref = 1) plus small noise of known size
+    r_true = fam.fn(s, *[params[n] for n in fam.names])
+    noise = 0.002 * np.random.default_rng(1).normal(size=s.size)
+    fit = echo.fit_curve(family, s, r_true + noise, np.full(s.size, 0.002))
+    for name, value in params.items():
+        assert fit.params[name] == pytest.approx(value, rel=0.05, abs=0.01), (name, fit.params)
+    assert fit.n_params == len(params) and fit.dof == s.size - len(params)
+    assert 0.3 < fit.reduced_chi2 < 2.0 and fit.r2 > 0.99
+    assert abs(fit.resid_autocorr) < 0.5
+
+
+def test_fit_statistics_flag_a_wrong_shape():
+    s = np.geomspace(0.2, 30.0, 25)
+    r_true = 0.3 + 0.5 * s ** 4 / (s ** 4 + 16.0)  # floor and steep knee: plain Hill cannot follow it
+    fit = echo.fit_curve("hill", s, r_true, np.full(s.size, 0.01))
+    assert fit.reduced_chi2 > 10 and fit.resid_autocorr > 0.3
+
+
+def test_gavish_donoho_family_has_no_free_constants_and_matches_the_closed_form():
+    s = np.array([3.0, 4.0, 6.0])
+    fit = echo.fit_curve("gavish_donoho", s, np.full(3, 0.5), np.full(3, 0.1), sigma=0.1, shape=(30, 60), n_avg=4)
+    assert fit.n_params == 0
+    np.testing.assert_allclose(fit.predict(s), echo.gavish_donoho_echo(s, 0.1, (30, 60), 4) / s)
+    with pytest.raises(ValueError, match="needs sigma"):
+        echo.fit_curve("gavish_donoho", s, s, s)
+    with pytest.raises(ValueError, match="unknown curve family"):
+        echo.fit_curve("spline", s, s, s)
