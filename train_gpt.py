@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.realpath(__file__))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
@@ -459,7 +459,7 @@ class GPT(nn.Module):
             logits = c * logits * torch.rsqrt(logits.square() + c * c)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def window_tokens_at(cfg: Hyperparameters, step: int) -> int:
@@ -547,12 +547,14 @@ class RunLog:
 
 def project_sources() -> list[str]:
     """Relative paths of the project's own source files that this process imported (plus this file)."""
-    paths = {os.path.abspath(__file__)}
+    paths = {os.path.realpath(__file__)}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if path and path.endswith(".py") and os.path.abspath(path).startswith(REPO_ROOT + os.sep):
-            if f"{os.sep}tests{os.sep}" not in path:
-                paths.add(os.path.abspath(path))
+        if not (path and os.path.isabs(path) and path.endswith(".py") and os.path.isfile(path)):
+            continue  # builtins and frozen or oddly-registered modules
+        path = os.path.realpath(path)
+        if path.startswith(REPO_ROOT + os.sep) and f"{os.sep}tests{os.sep}" not in path:
+            paths.add(path)
     return sorted(os.path.relpath(p, REPO_ROOT) for p in paths)
 
 
