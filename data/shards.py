@@ -1,0 +1,397 @@
+"""Token shards: the on-disk format, the distributed training loader and validation batches.
+
+Shard format (the one used by the public FineWeb GPT-2 shards):
+  bytes [0, 1024)   header, 256 little-endian int32: [0] magic 20240520, [1] version 1, [2] token count N
+  bytes [1024, ...) N token ids as little-endian uint16 (GPT-2 ids < 50257; every document starts with 50256)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4  # 1024
+TOKEN_DTYPE = np.dtype("<u2")  # uint16 little-endian
+GPT2_BOS_ID = 50256  # <|endoftext|>, prefixed to every document
+GPT2_VOCAB_SIZE = 50257
+
+_FIX_HINT = (
+    "The file is truncated or not a token shard: delete it and re-download it "
+    "(python data/cached_fineweb10B.py N) or re-tokenize it (python data/tokenize_text.py / "
+    "python data/prepare_demo_data.py --force)."
+)
+
+
+class ShardFormatError(ValueError):
+    """A file does not follow the shard format (bad magic, version or size)."""
+
+
+class ShardsNotFoundError(FileNotFoundError, ValueError):
+    """No file matches a shard pattern (also a ValueError: it is a bad argument)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Format
+
+
+def write_shard(path: str | os.PathLike, tokens) -> str:
+    """Write a 1-D sequence of token ids (each in [0, 65536)) as a shard; atomic (tmp file + os.replace)."""
+    path = os.fspath(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"write_shard({path!r}): tokens must be 1-D, got shape {arr.shape}; flatten them first.")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"write_shard({path!r}): tokens must be integers, got dtype {arr.dtype}.")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 2**16):
+        raise ValueError(
+            f"write_shard({path!r}): token ids must lie in [0, 65536) to fit uint16, found range "
+            f"[{int(arr.min())}, {int(arr.max())}]; use a tokenizer with fewer than 65536 ids."
+        )
+    if arr.size >= 2**31:
+        raise ValueError(f"write_shard({path!r}): {arr.size} tokens exceed the int32 header; split into shards.")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype(TOKEN_DTYPE, copy=False).tobytes())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Check a shard's header and size; return its token count. Raises ShardFormatError."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ShardFormatError(
+            f"{path}: expected a header of {HEADER_BYTES} bytes, found a file of only {size} bytes. {_FIX_HINT}"
+        )
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
+    if magic != SHARD_MAGIC:
+        raise ShardFormatError(f"{path}: expected magic number {SHARD_MAGIC}, found {magic}. {_FIX_HINT}")
+    if version != SHARD_VERSION:
+        raise ShardFormatError(
+            f"{path}: expected shard format version {SHARD_VERSION}, found {version}. "
+            f"Re-tokenize or re-download it with this project's tools."
+        )
+    expected_size = HEADER_BYTES + TOKEN_DTYPE.itemsize * num_tokens
+    if num_tokens < 0 or size != expected_size:
+        raise ShardFormatError(
+            f"{path}: header says {num_tokens} tokens, so the file should be {expected_size} bytes, "
+            f"found {size} bytes. {_FIX_HINT}"
+        )
+    return num_tokens
+
+
+def read_shard(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """Return the tokens of a shard as a 1-D uint16 array (read-only memmap unless mmap=False)."""
+    path = os.fspath(path)
+    num_tokens = read_header(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    if mmap:
+        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        return np.fromfile(f, dtype=TOKEN_DTYPE, count=num_tokens)
+
+
+def list_shards(pattern: str | os.PathLike) -> list[str]:
+    """Sorted paths matching a glob pattern; ShardsNotFoundError (naming the pattern) if there are none."""
+    pattern = os.fspath(pattern)
+    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    if not paths:
+        raise ShardsNotFoundError(
+            f"no shard files match {pattern!r} (working directory {os.getcwd()}). "
+            "Download FineWeb with `python data/cached_fineweb10B.py N` (N train shards) or build the "
+            "small demo set with `python data/prepare_demo_data.py`, then pass a matching glob."
+        )
+    return paths
+
+
+def _read_span(paths: list[str], counts: list[int], start: int, length: int) -> np.ndarray:
+    """Tokens [start, start+length) of the concatenation of the shards `paths` (token counts `counts`)."""
+    pieces, offset = [], 0
+    for path, count in zip(paths, counts):
+        lo, hi = max(start - offset, 0), min(start + length - offset, count)
+        if lo < hi:
+            pieces.append(np.asarray(read_shard(path)[lo:hi]))
+        offset += count
+        if offset >= start + length:
+            break
+    out = np.concatenate(pieces) if pieces else np.zeros(0, dtype=TOKEN_DTYPE)
+    assert out.size == length, "span beyond the end of the files"  # callers check the total first
+    return out
+
+
+def _to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) token rows -> int64 (inputs, targets), each (B, T), on `device`."""
+    rows = rows.astype(np.int64)
+    inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
+    targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
+    if device.type == "cuda":  # page-locked host memory lets the copy overlap with compute
+        return (inputs.pin_memory().to(device, non_blocking=True),
+                targets.pin_memory().to(device, non_blocking=True))
+    return inputs.to(device), targets.to(device)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _check_rank(rank, world_size) -> tuple[int, int]:
+    world_size = _check_positive_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}.")
+    return int(rank), world_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loader
+
+
+class DistributedTokenLoader:
+    """Training batches from shards, split over ranks by global chunk index.
+
+    The token stream (shards in sorted order, cycled forever) is cut into rows of seq_len + 1 tokens
+    (inputs = row[:-1], targets = row[1:]). A row never crosses a shard boundary. Consecutive rows
+    share one token: the cursor advances by seq_len, so every token is a target once.
+      align_to_bos=True:  a row starts at the first BOS token at or after the cursor (the rest of a
+                          document longer than a row is skipped); a row may run across documents.
+      align_to_bos=False: rows are contiguous.
+    A chunk is batch_size consecutive rows; global chunk k belongs to rank k % world_size. Every call
+    of next_batch() walks one round of world_size chunks and returns the rank's own, so all ranks keep
+    the same cursor, and 1 process x 2 calls sees exactly the chunks of 2 processes x 1 call.
+    When the stream passes the end of the last shard it starts again at the first (epoch += 1),
+    with a warning the first time.
+    """
+
+    def __init__(self, pattern: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 align_to_bos: bool = True, bos_id: int = GPT2_BOS_ID, device: str | torch.device = "cpu"):
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.seq_len = _check_positive_int("seq_len", seq_len)
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        if not 0 <= int(bos_id) < 2**16:
+            raise ValueError(f"bos_id must be a token id in [0, 65536), got {bos_id!r}.")
+        self.bos_id = int(bos_id)
+        self.align_to_bos = bool(align_to_bos)
+        self.device = torch.device(device)
+        self.pattern = os.fspath(pattern)
+        self.paths = list_shards(self.pattern)
+        self.counts = [read_header(p) for p in self.paths]  # checks every header up front
+        row_len = self.seq_len + 1
+        if max(self.counts) < row_len:
+            raise ValueError(
+                f"every shard matching {self.pattern!r} holds fewer than seq_len + 1 = {row_len} tokens "
+                f"(largest: {max(self.counts)}); use a smaller seq_len or more data per shard."
+            )
+        # Stream position (identical on every rank).
+        self.shard_index = 0
+        self.position = 0  # cursor inside the current shard, in tokens
+        self.chunks_consumed = 0  # global chunks walked so far (all ranks together)
+        self.epoch = 0  # completed passes over all shards
+        self._warned_wrap = False
+        self._tokens: np.ndarray | None = None  # current shard (memmap)
+        self._bos_positions: np.ndarray | None = None  # sorted BOS indices of the current shard
+
+    # -- stream walking --
+
+    def _load_current_shard(self) -> None:
+        self._tokens = read_shard(self.paths[self.shard_index])
+        self._bos_positions = np.flatnonzero(self._tokens == self.bos_id) if self.align_to_bos else None
+
+    def _advance_shard(self) -> None:
+        self.shard_index += 1
+        self.position = 0
+        if self.shard_index == len(self.paths):
+            self.shard_index = 0
+            self.epoch += 1
+        self._load_current_shard()
+
+    def _next_row_start(self) -> tuple[int, int]:
+        """Return (shard_index, start) of the next row and move the cursor past it."""
+        row_len = self.seq_len + 1
+        if self._tokens is None:
+            self._load_current_shard()
+        for _ in range(len(self.paths) + 1):
+            n = len(self._tokens)
+            if self.align_to_bos:
+                i = int(np.searchsorted(self._bos_positions, self.position, side="left"))
+                start = int(self._bos_positions[i]) if i < len(self._bos_positions) else n
+            else:
+                start = self.position
+            if start + row_len <= n:
+                self.position = start + self.seq_len
+                return self.shard_index, start
+            self._advance_shard()
+        raise ValueError(
+            f"no shard matching {self.pattern!r} has a row of {row_len} tokens starting at a BOS token "
+            f"(id {self.bos_id}); check bos_id, use a smaller seq_len or align_to_bos=False."
+        )
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (inputs, targets), int64 tensors of shape (batch_size, seq_len) on the loader's device."""
+        own: list[tuple[int, int]] = []
+        for chunk in range(self.world_size):  # one round: chunk k of the round belongs to rank k
+            rows = [self._next_row_start() for _ in range(self.batch_size)]
+            if chunk == self.rank:
+                own = rows
+        self.chunks_consumed += self.world_size
+        if self.epoch > 0 and not self._warned_wrap:
+            self._warned_wrap = True
+            warnings.warn(
+                f"DistributedTokenLoader: reached the end of the {len(self.paths)} shard(s) matching "
+                f"{self.pattern!r} and started again from the first (epoch {self.epoch}); data now repeats.",
+                RuntimeWarning, stacklevel=2)
+        row_len = self.seq_len + 1
+        batch = np.empty((self.batch_size, row_len), dtype=TOKEN_DTYPE)
+        for b, (shard, start) in enumerate(own):
+            tokens = self._tokens if shard == self.shard_index else read_shard(self.paths[shard])
+            batch[b] = tokens[start:start + row_len]
+        return _to_device(batch, self.device)
+
+    # -- resume --
+
+    def state_dict(self) -> dict:
+        """The stream position (the same on every rank; plain ints and strings)."""
+        return {
+            "format": "DistributedTokenLoader/1",
+            "shards": [os.path.basename(p) for p in self.paths],
+            "shard_index": self.shard_index,
+            "position": self.position,
+            "chunks_consumed": self.chunks_consumed,
+            "epoch": self.epoch,
+            "align_to_bos": self.align_to_bos,
+            "bos_id": self.bos_id,
+            "warned_wrap": self._warned_wrap,
+        }
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue from a saved position. The position is a token cursor, so batch_size, seq_len and
+        world_size may differ from the saved run. strict=True requires the same shard file names;
+        strict=False only needs the current shard to exist (the run then continues on a changed file set)."""
+        if state.get("format") != "DistributedTokenLoader/1":
+            raise ValueError(f"not a DistributedTokenLoader state (format {state.get('format')!r}).")
+        for key in ("align_to_bos", "bos_id"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader uses "
+                                 f"{getattr(self, key)!r}; construct the loader with the saved setting.")
+        names = [os.path.basename(p) for p in self.paths]
+        saved_name = state["shards"][state["shard_index"]]
+        if strict and names != list(state["shards"]):
+            missing = sorted(set(state["shards"]) - set(names))
+            extra = sorted(set(names) - set(state["shards"]))
+            raise ValueError(
+                f"the shards matching {self.pattern!r} differ from the saved run (missing: {missing[:5]}, "
+                f"new: {extra[:5]}); an exact resume needs the same files. Pass strict=False to continue anyway.")
+        if saved_name not in names:
+            raise ValueError(f"the saved current shard {saved_name!r} does not match {self.pattern!r}.")
+        self.shard_index = names.index(saved_name)
+        self.position = int(state["position"])
+        self.chunks_consumed = int(state["chunks_consumed"])
+        self.epoch = int(state["epoch"])
+        self._warned_wrap = bool(state.get("warned_wrap", self.epoch > 0))
+        self._load_current_shard()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and baselines
+
+
+def iter_val_batches(pattern: str, batch_size: int, seq_len: int, val_tokens: int, rank: int = 0,
+                     world_size: int = 1, device: str | torch.device = "cpu"
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield this rank's (inputs, targets) validation batches, int64 (batch_size, seq_len).
+
+    The first val_tokens + 1 tokens of the val files (concatenated in sorted order) are cut into
+    contiguous chunks of batch_size * seq_len targets; chunk c goes to rank c % world_size, so over all
+    ranks each of those tokens is an input once and a target once. No BOS alignment.
+    """
+    batch_size = _check_positive_int("batch_size", batch_size)
+    seq_len = _check_positive_int("seq_len", seq_len)
+    val_tokens = _check_positive_int("val_tokens", val_tokens)
+    rank, world_size = _check_rank(rank, world_size)
+    chunk_tokens = batch_size * seq_len
+    round_tokens = world_size * chunk_tokens
+    if val_tokens % round_tokens:
+        nearest = max(round_tokens, round(val_tokens / round_tokens) * round_tokens)
+        raise ValueError(
+            f"val_tokens={val_tokens} must be a multiple of world_size * batch_size * seq_len = "
+            f"{world_size} * {batch_size} * {seq_len} = {round_tokens}; the nearest valid value is {nearest}.")
+    paths = list_shards(pattern)
+    counts = [read_header(p) for p in paths]
+    if sum(counts) < val_tokens + 1:
+        largest = (sum(counts) - 1) // round_tokens * round_tokens
+        raise ValueError(
+            f"the val files matching {pattern!r} hold {sum(counts)} tokens, fewer than val_tokens + 1 = "
+            f"{val_tokens + 1} (one extra token for the last target); the largest valid val_tokens "
+            f"here is {largest}.")
+    dev = torch.device(device)
+    for chunk in range(rank, val_tokens // chunk_tokens, world_size):
+        span = _read_span(paths, counts, chunk * chunk_tokens, chunk_tokens + 1)
+        # Rows overlap by one token: row b is span[b*T : b*T + T + 1].
+        rows = np.lib.stride_tricks.sliding_window_view(span, seq_len + 1)[::seq_len]
+        yield _to_device(rows, dev)
+
+
+def _token_counts(paths: list[str], vocab_size: int, block: int = 1 << 24) -> np.ndarray:
+    """Histogram (vocab_size,) int64 of the tokens in the shards, read in blocks to bound memory."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for path in paths:
+        tokens = read_shard(path)
+        for lo in range(0, len(tokens), block):
+            part = np.asarray(tokens[lo:lo + block])
+            if part.size and int(part.max()) >= vocab_size:
+                raise ValueError(f"{path} holds token id {int(part.max())} >= vocab_size={vocab_size}; "
+                                 "pass the tokenizer's vocabulary size.")
+            counts += np.bincount(part, minlength=vocab_size)
+    return counts
+
+
+def unigram_cross_entropy(train_pattern: str, val_pattern: str, vocab_size: int = GPT2_VOCAB_SIZE,
+                          val_tokens: int | None = None) -> float:
+    """Cross-entropy (nats per token) on val tokens of a unigram model fitted on the train tokens
+    with add-one smoothing: p(t) = (count(t) + 1) / (N + vocab_size).
+
+    val_tokens=None scores every token of the val files; an integer scores the targets that the
+    validation loss sees (tokens 1 .. val_tokens of the val files), for a like-for-like baseline.
+    """
+    vocab_size = _check_positive_int("vocab_size", vocab_size)
+    train_counts = _token_counts(list_shards(train_pattern), vocab_size)
+    log_p = np.log(train_counts + 1.0) - np.log(float(train_counts.sum() + vocab_size))
+    val_paths = list_shards(val_pattern)
+    if val_tokens is None:
+        val_counts = _token_counts(val_paths, vocab_size)
+    else:
+        val_tokens = _check_positive_int("val_tokens", val_tokens)
+        val_sizes = [read_header(p) for p in val_paths]
+        if sum(val_sizes) < val_tokens + 1:
+            raise ValueError(f"the val files matching {val_pattern!r} hold {sum(val_sizes)} tokens, "
+                             f"fewer than val_tokens + 1 = {val_tokens + 1}.")
+        targets = _read_span(val_paths, val_sizes, 1, val_tokens)
+        if int(targets.max()) >= vocab_size:
+            raise ValueError(f"val token id {int(targets.max())} >= vocab_size={vocab_size}.")
+        val_counts = np.bincount(targets, minlength=vocab_size)
+    if val_counts.sum() == 0:
+        raise ValueError(f"the val files matching {val_pattern!r} hold no tokens.")
+    return float(-(val_counts * log_p).sum() / val_counts.sum())
