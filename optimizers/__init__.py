@@ -10,13 +10,15 @@ import torch
 from optimizers.adam import AdamWMatrix, DistAdam, adam_update
 from optimizers.distributed import ShardedMatrixOptimizer, dist_info
 from optimizers.muon import Muon, muon_update
+from optimizers.spectral_ord import SpectralORD
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "muon": Muon,
     "adamw": AdamWMatrix,
+    "spectral_ord": SpectralORD,
 }
 
-__all__ = ["OPTIMIZERS", "get_optimizer_class", "Muon", "DistAdam", "AdamWMatrix", "ShardedMatrixOptimizer",
+__all__ = ["OPTIMIZERS", "get_optimizer_class", "Muon", "SpectralORD", "DistAdam", "AdamWMatrix", "ShardedMatrixOptimizer",
            "muon_update", "adam_update", "dist_info"]
 
 

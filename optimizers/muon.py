@@ -54,9 +54,13 @@ class Muon(ShardedMatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend)
-        super().__init__(params, defaults)
+        super().__init__(params, self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend))
+
+    @staticmethod
+    def muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend) -> dict:
+        """Group defaults shared by Muon and its subclasses (which add their own keys)."""
+        return dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                    weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend)
 
     def validate_group(self, group: dict) -> None:
         check_muon_hyperparameters(group)

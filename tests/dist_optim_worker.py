@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 tests/dist_optim_worker.py OUT_DIR SCENARIO [SCENARIO ...]
 
-writes OUT_DIR/rank<r>.pt = {scenario: [final parameter tensors]}. The tests import this file too and run the
+writes OUT_DIR/rank<r>.pt = {scenario: [final parameter tensors]} (and OUT_DIR/diagnostics.jsonl for the
+spectral-ORD scenario with diagnostics). The tests import this file too and run the
 same scenarios in one process on the rank-averaged gradients (`run_scenario(name, averaged_grads(2))`).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ MATRIX_SHAPES = [(8, 12), (8, 12), (12, 8), (8, 12), (12, 8), (2, 6, 10), (5, 5)
 # (6, 4), (4,) are sharded by rows over 2 ranks; (5, 3), (7,), () are all-reduced.
 ADAM_SHAPES = [(6, 4), (5, 3), (7,), (), (4,)]
 STEPS = 10
+DIAGNOSTICS_EVERY = 3  # spectral-ORD diagnostics on steps 0, 3, 6, 9
 
 
 def make_params(shapes: list[tuple], seed: int = 0) -> list[torch.nn.Parameter]:
@@ -55,7 +57,8 @@ def matrix_groups(params: list[torch.nn.Parameter], **hyper) -> list[dict]:
             dict(params=[params[4], params[6]], lr=0.01, weight_decay_mul=2.0)]
 
 
-def build(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build(name: str, params: list[torch.nn.Parameter],
+          diagnostics_path: str | None = None) -> torch.optim.Optimizer:
     if name == "muon":
         return Muon(matrix_groups(params), lr=0.02, momentum=0.9, weight_decay=0.1)
     if name == "muon_plain":  # no Nesterov, two groups
@@ -69,9 +72,14 @@ def build(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         from optimizers.spectral_ord import SpectralORD
         options = {
             "ord0": dict(spectral_lr_mul=0.0, decompose=False),
-            "ord_decomp": dict(spectral_lr_mul=0.5, decompose=True, reproject=True, scale_mode="matched"),
+            "ord_decomp": dict(spectral_lr_mul=0.5, decompose=True, diagnostics_every=DIAGNOSTICS_EVERY,
+                               diagnostics_path=diagnostics_path),
+            "ord_matched": dict(spectral_lr_mul=1.0, decompose=True, scale_mode="matched", reproject=True),
         }[name]
-        return SpectralORD(matrix_groups(params), lr=0.02, momentum=0.9, weight_decay=0.1, **options)
+        groups = matrix_groups(params)
+        position = {p: i for i, p in enumerate(params)}
+        names = [f"m{position[p]}" for group in groups for p in group["params"]]  # m<i>: params[i]
+        return SpectralORD(groups, lr=0.02, momentum=0.9, weight_decay=0.1, param_names=names, **options)
     raise ValueError(f"unknown scenario {name!r}")
 
 
@@ -79,15 +87,15 @@ def shapes_for(name: str) -> list[tuple]:
     return ADAM_SHAPES if name == "adam" else MATRIX_SHAPES
 
 
-def run_scenario(name: str, grads_fn, steps: int = STEPS) -> list[torch.Tensor]:
-    """Run `steps` optimizer steps from the seeded initial parameters; return the final parameters."""
+def run_scenario(name: str, grads_fn, steps: int = STEPS, diagnostics_path: str | None = None):
+    """Run `steps` optimizer steps from the seeded initial parameters; return (final parameters, optimizer)."""
     params = make_params(shapes_for(name))
-    opt = build(name, params)
+    opt = build(name, params, diagnostics_path)
     for step in range(steps):
         for p, g in zip(params, grads_fn(step)):
             p.grad = g
         opt.step()
-    return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params], opt
 
 
 def main() -> None:
@@ -95,7 +103,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
-        results = {name: run_scenario(name, rank_grads(shapes_for(name), rank)) for name in scenarios}
+        diagnostics_path = os.path.join(out_dir, "diagnostics.jsonl")
+        results = {name: run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
+                   for name in scenarios}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
