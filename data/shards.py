@@ -11,10 +11,12 @@ import glob
 import os
 import tempfile
 import warnings
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -144,6 +146,8 @@ def _read_span(paths: list[str], counts: list[int], start: int, length: int) -> 
 
 def _to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T+1) token rows -> int64 (inputs, targets), each (B, T), on `device`."""
+    import torch  # imported where tensors are made: the format and download tools run without torch
+
     rows = rows.astype(np.int64)
     inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
     targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
@@ -151,6 +155,12 @@ def _to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, to
         return (inputs.pin_memory().to(device, non_blocking=True),
                 targets.pin_memory().to(device, non_blocking=True))
     return inputs.to(device), targets.to(device)
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    import torch
+
+    return torch.device(device)
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -195,7 +205,7 @@ class DistributedTokenLoader:
             raise ValueError(f"bos_id must be a token id in [0, 65536), got {bos_id!r}.")
         self.bos_id = int(bos_id)
         self.align_to_bos = bool(align_to_bos)
-        self.device = torch.device(device)
+        self.device = _as_device(device)
         self.pattern = os.fspath(pattern)
         self.paths = list_shards(self.pattern)
         self.counts = [read_header(p) for p in self.paths]  # checks every header up front
@@ -343,10 +353,10 @@ def iter_val_batches(pattern: str, batch_size: int, seq_len: int, val_tokens: in
     if sum(counts) < val_tokens + 1:
         largest = (sum(counts) - 1) // round_tokens * round_tokens
         raise ValueError(
-            f"the val files matching {pattern!r} hold {sum(counts)} tokens, fewer than val_tokens + 1 = "
+            f"the val files matching {pattern!r} hold {sum(counts)} tokens, but val_tokens={val_tokens} needs "
             f"{val_tokens + 1} (one extra token for the last target); the largest valid val_tokens "
             f"here is {largest}.")
-    dev = torch.device(device)
+    dev = _as_device(device)
     for chunk in range(rank, val_tokens // chunk_tokens, world_size):
         span = _read_span(paths, counts, chunk * chunk_tokens, chunk_tokens + 1)
         # Rows overlap by one token: row b is span[b*T : b*T + T + 1].
