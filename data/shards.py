@@ -25,6 +25,7 @@ HEADER_BYTES = HEADER_INTS * 4  # 1024
 TOKEN_DTYPE = np.dtype("<u2")  # uint16 little-endian
 GPT2_BOS_ID = 50256  # <|endoftext|>, prefixed to every document
 GPT2_VOCAB_SIZE = 50257
+BOS_SCAN_TOKENS = 1 << 20  # BOS positions are found in windows of this many tokens (2 MB of uint16)
 
 _FIX_HINT = (
     "The file is truncated or not a token shard: delete it and re-download it "
@@ -222,13 +223,31 @@ class DistributedTokenLoader:
         self.epoch = 0  # completed passes over all shards
         self._warned_wrap = False
         self._tokens: np.ndarray | None = None  # current shard (memmap)
-        self._bos_positions: np.ndarray | None = None  # sorted BOS indices of the current shard
+        # BOS indices of the current shard within the scanned window [lo, hi): found lazily, window by
+        # window, so a shard switch costs no full scan of the shard (100M tokens would take ~1 s).
+        self._bos_window = (0, 0)
+        self._bos_positions = np.zeros(0, dtype=np.int64)
 
     # -- stream walking --
 
     def _load_current_shard(self) -> None:
         self._tokens = read_shard(self.paths[self.shard_index])
-        self._bos_positions = np.flatnonzero(self._tokens == self.bos_id) if self.align_to_bos else None
+        self._bos_window = (0, 0)
+
+    def _next_bos(self, position: int) -> int:
+        """Index of the first BOS at or after position in the current shard (its length if none)."""
+        n = len(self._tokens)
+        while position < n:
+            lo, hi = self._bos_window
+            if not lo <= position < hi:
+                lo, hi = position, min(n, position + BOS_SCAN_TOKENS)
+                self._bos_window = (lo, hi)
+                self._bos_positions = lo + np.flatnonzero(self._tokens[lo:hi] == self.bos_id)
+            i = int(np.searchsorted(self._bos_positions, position, side="left"))
+            if i < len(self._bos_positions):
+                return int(self._bos_positions[i])
+            position = hi
+        return n
 
     def _advance_shard(self) -> None:
         self.shard_index += 1
@@ -245,11 +264,7 @@ class DistributedTokenLoader:
             self._load_current_shard()
         for _ in range(len(self.paths) + 1):
             n = len(self._tokens)
-            if self.align_to_bos:
-                i = int(np.searchsorted(self._bos_positions, self.position, side="left"))
-                start = int(self._bos_positions[i]) if i < len(self._bos_positions) else n
-            else:
-                start = self.position
+            start = self._next_bos(self.position) if self.align_to_bos else self.position
             if start + row_len <= n:
                 self.position = start + self.seq_len
                 return self.shard_index, start

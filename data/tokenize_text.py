@@ -232,7 +232,7 @@ def tokenize_documents(docs: Sequence[str], out_dir: str, prefix: str, val_docs:
     for path in stale:
         os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
-    encoding = encoding or gpt2_encoding()
+    encoding = gpt2_encoding() if encoding is None else encoding
     val_set = set(val_document_indices(len(docs), val_docs, val_fraction))
     writers = {"val": _ShardWriter(out_dir, prefix, "val", 0, shard_tokens),
                "train": _ShardWriter(out_dir, prefix, "train", 1, shard_tokens)}

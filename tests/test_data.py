@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import cached_fineweb10B, prepare_demo_data, tokenize_text
+from data import cached_fineweb10B, prepare_demo_data, shards, tokenize_text
 from data.shards import (
     HEADER_BYTES,
     DistributedTokenLoader,
@@ -143,9 +143,11 @@ def test_list_shards_sorted_and_helpful_error(tmp_path):
 # Training loader
 
 
-@pytest.mark.parametrize("align", [True, False])
-def test_loader_matches_reference_rows(train_shards, align):
+@pytest.mark.parametrize("align, scan_window", [(True, None), (True, 5), (False, None)])
+def test_loader_matches_reference_rows(train_shards, monkeypatch, align, scan_window):
     pattern, arrays = train_shards
+    if scan_window:  # BOS search windows shorter than documents: exercises the windowed scan
+        monkeypatch.setattr(shards, "BOS_SCAN_TOKENS", scan_window)
     B, T = 3, 16
     loader = DistributedTokenLoader(pattern, B, T, align_to_bos=align)
     ref = reference_rows(arrays, T, align)
