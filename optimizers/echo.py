@@ -29,7 +29,7 @@ import torch
 
 __all__ = [
     "CrossProjection", "EchoEstimate", "BinnedEcho", "CurveFit", "CURVE_FAMILIES",
-    "check_replicates", "random_splits", "cross_project", "cross_project_split", "estimate_echo",
+    "check_replicates", "random_splits", "project_atoms", "cross_project", "cross_project_split", "estimate_echo",
     "noise_sigma", "noise_scales", "noise_anisotropy",
     "bin_edges", "binned_ratio", "bootstrap_binned_ratio",
     "gavish_donoho_eta", "gavish_donoho_echo", "fit_curve", "isotonic_fit",
@@ -107,9 +107,12 @@ def _atom_matrix(atom_mean: torch.Tensor, momentum_buffer: torch.Tensor | None, 
     return momentum * momentum_buffer.to(atom_mean) + (1.0 - momentum) * atom_mean
 
 
-def _project(U: torch.Tensor, V: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
-    """u_i^T X_j v_i for every matrix X_j of mats (p, M, N) and atom i: returns (p, r)."""
-    return ((mats @ V) * U).sum(-2)  # (p, M, r) * (M, r) summed over M
+def project_atoms(U: torch.Tensor, V: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """u_i^T X v_i for atoms U (..., M, r), V (..., N, r) and matrices mats (..., M, N): returns (..., r).
+
+    Leading dims broadcast: U (M, r) with mats (p, M, N) projects p probes onto one atom set.
+    """
+    return ((mats @ V) * U).sum(-2)  # (..., M, r) * (..., M, r) summed over M
 
 
 def cross_project(
@@ -138,7 +141,7 @@ def cross_project(
                 )
     X = _atom_matrix(A.mean(0), momentum_buffer, momentum)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)  # U (M, r), S (r,), Vh (r, N)
-    pv = _project(U, Vh.mT, P)  # (p, r)
+    pv = project_atoms(U, Vh.mT, P)  # (p, r)
     p = P.size(0)
     se = pv.std(0, unbiased=True) / math.sqrt(p) if p >= 2 else torch.full_like(S, float("nan"))
     return CrossProjection(s=S, echo=pv.mean(0), se=se, probe_values=pv, n_atom=A.size(0), n_probe=p)

@@ -1,0 +1,296 @@
+"""SpectralEcho (optimizers/spectral_echo.py): Muon equivalence, the soft-sign update against a float64 SVD,
+the echo fit against a direct computation from the replicates, and 1 process vs 2 processes.
+
+This file doubles as the 2-rank worker:
+    torchrun --standalone --nproc_per_node=2 tests/test_spectral_echo.py OUT_DIR
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from optimizers import echo  # noqa: E402
+from optimizers.muon import Muon  # noqa: E402
+from optimizers.spectral_echo import (  # noqa: E402
+    C_REL_GRID, SpectralEcho, echo_bin_stats, fit_soft_sign, log_bin_edges, replicate_group_sizes,
+)
+
+SHAPES = [(16, 24), (16, 24), (24, 16), (2, 12, 20), (10, 10)]
+STEPS = 6
+K_TOTAL = 4  # replicates per step in the 1-vs-2-process scenarios
+
+
+def make_params(shapes=SHAPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.5) for s in shapes]
+
+
+def signal(shape, seed=100):
+    """A rank-3 'true gradient' with well separated singular values (per matrix of a stack)."""
+    gen = torch.Generator().manual_seed(seed + sum(shape))
+    *batch, M, N = shape
+    U = torch.randn(*batch, M, 3, generator=gen)
+    V = torch.randn(*batch, N, 3, generator=gen)
+    return (U * torch.tensor([3.0, 1.5, 0.8])) @ V.mT / math.sqrt(M * N) * 4
+
+
+def replicate(shape, step, j):
+    """Replicate j of the gradient at `step`: signal + unit-variance noise (scaled like the signal)."""
+    gen = torch.Generator().manual_seed(1000 * step + j + 7 * sum(shape))
+    *_, M, N = shape
+    return signal(shape) + torch.randn(shape, generator=gen) / math.sqrt(M * N) * 2
+
+
+def feed(opt, params, step, rank=0, world_size=1, n_micro=K_TOTAL, record=True):
+    """Accumulate this rank's micro-batches like train_gpt (loss / n_micro); replicate j = m * W + rank."""
+    for p in params:
+        p.grad = None
+    for m in range(n_micro):
+        j = m * world_size + rank
+        for p in params:
+            g = replicate(tuple(p.shape), step, j) / n_micro
+            p.grad = g if p.grad is None else p.grad + g
+        if record and hasattr(opt, "add_replicate_gradients"):
+            opt.add_replicate_gradients()
+
+
+def build(name, params):
+    hyper = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
+    groups = [dict(params=params[:4]), dict(params=params[4:], lr=0.01, weight_decay_mul=2.0)]
+    if name == "muon":
+        return Muon(groups, **hyper)
+    if name == "off":
+        return SpectralEcho(groups, shrink=False, **hyper)
+    if name in ("layer", "shape", "matrix"):
+        return SpectralEcho(groups, fit_every=2, fit_scope=name, n_bins=12, bin_min=1e-2, **hyper)
+    raise ValueError(name)
+
+
+SCENARIOS = ["muon", "off", "layer", "shape", "matrix"]
+
+
+def run_scenario(name, rank=0, world_size=1):
+    params = make_params()
+    opt = build(name, params)
+    for step in range(STEPS):
+        feed(opt, params, step, rank, world_size, n_micro=K_TOTAL // world_size)
+        opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+def worker_main(out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    results = {name: run_scenario(name, rank, world_size)[0] for name in SCENARIOS}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+
+
+def test_shrinkage_off_is_muon_bit_for_bit():
+    pa, pb = make_params(), make_params()
+    muon, off = build("muon", pa), build("off", pb)
+    for step in range(4):
+        for opt, ps in ((muon, pa), (off, pb)):
+            feed(opt, ps, step)
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+
+
+def test_without_replicates_it_falls_back_to_muon_with_a_warning():
+    pa, pb = make_params(), make_params()
+    muon, se = build("muon", pa), build("layer", pb)
+    with pytest.warns(UserWarning, match="replicate"):
+        for step in range(3):
+            for opt, ps in ((muon, pa), (se, pb)):
+                feed(opt, ps, step, n_micro=2, record=opt is se)  # 2 replicates < 4: no fit possible
+                opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert se.echo_report() == []
+
+
+def test_first_fit_step_updates_like_muon_then_the_curve_applies():
+    pa, pb = make_params(), make_params()
+    muon, se = build("muon", pa), build("layer", pb)
+    for opt, ps in ((muon, pa), (se, pb)):
+        feed(opt, ps, 0)
+        opt.step()
+    # step 0: the fit belongs to this step and applies from the next; the mean of the replicates is Muon's input
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert len(se.echo_report()) == len(SHAPES)
+    for opt, ps in ((muon, pa), (se, pb)):
+        feed(opt, ps, 1)
+        opt.step()
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(pa, pb)) > 1e-3  # shrinkage now changes the step
+
+
+def svd_soft_update(X, c_rel):
+    """Float64 reference: U diag(f(s) / f(s_max)) V^T, f(s) = s / sqrt(s^2 + c), c = c_rel ||X||_F^2."""
+    X = X.double()
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    c = c_rel * (X ** 2).sum((-2, -1), keepdim=True)[..., 0]
+    f = S / torch.sqrt(S ** 2 + c)
+    return (U * (f / f[..., :1])[..., None, :]) @ Vh
+
+
+@pytest.mark.parametrize("shape", [(20, 32), (32, 20), (3, 12, 18)], ids=["wide", "tall", "stack3d"])
+@pytest.mark.parametrize("c_rel", [1e-3, 0.05])
+def test_soft_sign_update_matches_float64_svd(shape, c_rel):
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    g = torch.randn(shape, generator=gen)
+    before = p.detach().clone()
+    opt = SpectralEcho([p], lr=0.1, momentum=0.0, weight_decay=0.0, c_rel=c_rel, power_iters=20)
+    p.grad = g.clone()
+    opt.step()  # momentum 0: Muon's input is the gradient itself
+    update = (before - p.detach()) / (0.1 * max(1.0, shape[-2] / shape[-1]) ** 0.5)
+    ref = svd_soft_update(g, c_rel)
+    assert float((update.double() - ref).abs().max()) < 2e-3 * float(ref.abs().max())
+    top = torch.linalg.matrix_norm(update.double(), ord=2)
+    torch.testing.assert_close(top, torch.ones_like(top), rtol=5e-3, atol=0)
+
+
+def test_echo_bin_stats_match_cross_projection_and_binned_ratio():
+    gen = torch.Generator().manual_seed(4)
+    M, N = 18, 30
+    G = signal((M, N))
+    R = G.double() + torch.randn(8, M, N, generator=gen, dtype=torch.float64) * 0.05
+    X = R[:4].mean(0)
+    edges = log_bin_edges(12, 1e-3)
+    stats = echo_bin_stats(X, R[4:6].mean(0), R[6:8].mean(0), 2, 2, edges)
+    cp = echo.cross_project(R[:4], R[4:])  # atoms of the same mean, probed with the mean of the 4 probes
+    norm = float(torch.linalg.matrix_norm(X.double()))
+    ref = echo.binned_ratio(cp.s / norm, cp.echo / norm, edges=edges.numpy())
+    got = (stats[:, 1] / stats[:, 0]).numpy()
+    has = ref.count > 0
+    np.testing.assert_allclose(stats[:, 3].numpy(), ref.count)
+    np.testing.assert_allclose(got[has], ref.ratio[has], rtol=1e-6, atol=1e-9)
+
+
+def test_fit_soft_sign_recovers_a_known_curve():
+    x = np.geomspace(1e-3, 0.5, 16)
+    for c_rel, r_max in ((1e-3, 0.6), (3e-2, 0.25)):
+        r = r_max * x / np.sqrt(x ** 2 + c_rel)
+        se = 0.01 * r_max
+        stats = torch.tensor(np.stack([x * 5, r * x * 5, (se * x * 5) ** 2, np.full_like(x, 5)], 1))
+        fit = fit_soft_sign(stats)
+        grid_step = C_REL_GRID[1] / C_REL_GRID[0]
+        assert c_rel / grid_step <= fit["c_rel"] <= c_rel * grid_step
+        assert fit["r_max"] == pytest.approx(r_max, rel=0.03)
+    assert fit_soft_sign(torch.zeros(12, 4)) is None  # no bins with atoms: no fit
+
+
+def test_fit_from_micro_batch_replicates_matches_a_direct_computation():
+    # 8 micro-batch replicates, one 2-D parameter: atoms from the Muon input of replicates 0-3 (zero buffer),
+    # probes 4,5 and 6,7; the fitted constant equals the fit of bin sums computed here with numpy.
+    shape, mu = (16, 24), 0.9
+    p = make_params([shape])[0]
+    opt = SpectralEcho([p], lr=0.02, momentum=mu, fit_every=5, n_bins=12, bin_min=1e-2)
+    assert opt.replicates_wanted()
+    feed(opt, [p], step=0, n_micro=8)
+    R = torch.stack([replicate(shape, 0, j) for j in range(8)]).double()
+    opt.step()
+    assert not opt.replicates_wanted()  # next fit at step 5
+    GA = R[:4].mean(0)
+    X = GA + mu * ((1 - mu) * GA - GA)  # Nesterov input from a zero buffer
+    norm = float(torch.linalg.matrix_norm(X))
+    U, S, Vh = torch.linalg.svd(X / norm)
+    P1, P2 = R[4:6].mean(0) / norm, R[6:8].mean(0) / norm
+    a = torch.diag(U.T @ ((P1 + P2) / 2) @ Vh[: S.numel()].T).numpy()
+    d = torch.diag(U.T @ (P1 - P2) @ Vh[: S.numel()].T).numpy()
+    var = d ** 2 / 4  # Var(mean of 2 groups of 2) from their difference
+    edges = np.geomspace(1e-2, 1.0, 13)
+    b = np.searchsorted(edges, S.numpy(), side="right") - 1
+    stats = np.zeros((12, 4))
+    for i, bi in enumerate(b):
+        if 0 <= bi < 12:
+            stats[bi] += [S[i].item(), a[i], var[i], 1]
+    expected = fit_soft_sign(torch.tensor(stats))
+    got = opt.state[p]["echo_fit"]["fits"][0]
+    assert got["c_rel"] == pytest.approx(expected["c_rel"], rel=1e-6)
+    assert got["r_max"] == pytest.approx(expected["r_max"], rel=1e-4)
+    assert float(opt.state[p]["echo_c_rel"]) == pytest.approx(expected["c_rel"], rel=1e-6)
+
+
+def test_replicate_groups_and_recording_only_on_fit_steps():
+    assert replicate_group_sizes(8) == (4, 2, 2)
+    assert replicate_group_sizes(4) == (2, 1, 1)
+    assert replicate_group_sizes(7) == (4, 2, 1)
+    params = make_params()
+    opt = build("layer", params)
+    feed(opt, params, 0)
+    opt.step()
+    assert not opt.replicates_wanted()
+    feed(opt, params, 1)  # step 1 is not a fit step: nothing is recorded
+    assert opt._micro == {}
+    opt.step()
+
+
+def test_state_dict_round_trip_keeps_the_curves():
+    pa = make_params()
+    a = build("shape", pa)
+    for step in range(3):
+        feed(a, pa, step)
+        a.step()
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    b = build("shape", pb)
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    assert b.param_groups[0]["echo_shape_fits"] == a.param_groups[0]["echo_shape_fits"] != {}
+    for opt, ps in ((a, pa), (b, pb)):
+        feed(opt, ps, 3)
+        opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(fit_every=0), "fit_every"), (dict(fit_scope="model"), "fit_scope"), (dict(normalize="rms"), "normalize"),
+    (dict(c_rel=0.0), "c_rel"), (dict(n_bins=2), "n_bins"), (dict(bin_min=2.0), "bin_min"),
+    (dict(power_iters=0), "power_iters"), (dict(momentum=1.0), "momentum"),
+])
+def test_bad_hyperparameters_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SpectralEcho(make_params(), **bad)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(__file__), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    for name in SCENARIOS:
+        single, opt = run_scenario(name)
+        if name in ("layer", "shape", "matrix"):
+            assert opt.echo_report(), "the single-process run must have fitted curves"
+        for r in range(2):
+            for a, b in zip(ranks[r][name], single):
+                torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    # shrinkage off under a process group: still Muon bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["off"], ranks[0]["muon"]))
+    # and the curve makes a difference there too
+    assert max(float((a - b).abs().max()) for a, b in zip(ranks[0]["layer"], ranks[0]["muon"])) > 1e-3
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])
