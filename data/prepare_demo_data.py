@@ -234,8 +234,9 @@ def prepare_demo_data(out_dir: str = DEFAULT_OUT_DIR, cache_dir: str = DEFAULT_C
     log(f"validation documents: {', '.join(manifest['val_documents'])}")
     log(f"done in {time.time() - t0:.1f}s: {summary['train_tokens']:,} train tokens, {summary['val_tokens']:,} "
         f"val tokens in {len(summary['files'])} shards; unigram baseline val cross-entropy {unigram:.4f} nats")
-    log(f"train with --train-files '{os.path.join(out_dir, manifest['train_pattern'])}' "
-        f"--val-files '{os.path.join(out_dir, manifest['val_pattern'])}'")
+    rel_dir = os.path.relpath(out_dir)
+    log(f"train with --train-files '{os.path.join(rel_dir, manifest['train_pattern'])}' "
+        f"--val-files '{os.path.join(rel_dir, manifest['val_pattern'])}'")
     return manifest
 
 

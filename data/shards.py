@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
+import uuid
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
@@ -65,9 +65,11 @@ def write_shard(path: str | os.PathLike, tokens) -> str:
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    # A unique temp name in the same folder (same file system, so os.replace is atomic); plain open()
+    # so that the file gets the usual permissions.
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp_path, "xb") as f:
             f.write(header.tobytes())
             f.write(arr.astype(TOKEN_DTYPE, copy=False).tobytes())
         os.replace(tmp_path, path)
