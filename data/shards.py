@@ -188,7 +188,7 @@ class DistributedTokenLoader:
 
     The token stream (shards in sorted order, cycled forever) is cut into rows of seq_len + 1 tokens
     (inputs = row[:-1], targets = row[1:]). A row never crosses a shard boundary. Consecutive rows
-    share one token: the cursor advances by seq_len, so every token is a target once.
+    share one token: the cursor advances by seq_len (contiguous rows: every token is a target once).
       align_to_bos=True:  a row starts at the first BOS token at or after the cursor (the rest of a
                           document longer than a row is skipped); a row may run across documents.
       align_to_bos=False: rows are contiguous.
