@@ -319,6 +319,21 @@ def _keep_failed_log(path: str) -> None:
     os.replace(path, f"{path}.attempt{n}")
 
 
+class _FailedStart:
+    """Stands in for a process that could not be started; it has already ended with exit code 127."""
+
+    pid = None
+
+    def poll(self) -> int:
+        return 127
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 127
+
+
 class ProcessRunner:
     """Starts runs as subprocesses writing console output and status files; wait() polls them."""
 
@@ -338,8 +353,12 @@ class ProcessRunner:
         console = open(runlog.console_path(log_dir, run.tag), "w", encoding="utf-8")
         console.write(f"$ {format_command(command, env_changes)}\n")
         console.flush()
-        proc = subprocess.Popen(command, cwd=os.path.dirname(self.sweep.train_script), stdout=console,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env_changes})
+        try:
+            proc = subprocess.Popen(command, cwd=os.path.dirname(self.sweep.train_script), stdout=console,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **env_changes})
+        except OSError as exc:  # e.g. torchrun not executable: this run fails, the sweep goes on
+            console.write(f"error: could not start the run: {exc}\n")
+            proc = _FailedStart()
         status = {
             "tag": run.tag, "seed": run.seed, "gpus": gpu_ids, "nproc": run.gpus, "state": "running",
             "command": format_command(command, env_changes), "log": log, "host": socket.gethostname(),
@@ -493,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         status_file = runlog.status_path(sweep.log_dir, run.tag)
         previous = runlog.read_status(status_file) or {}
         runlog.write_status(status_file, {**previous, "tag": run.tag, "seed": run.seed, "state": "queued",
-                                          "log": runlog.log_path(sweep.log_dir, run.tag), "exit_code": None})
+                                          "log": runlog.log_path(sweep.log_dir, run.tag), "exit_code": None,
+                                          "host": socket.gethostname(), "launcher_pid": os.getpid()})
     runner = ProcessRunner(sweep, launcher, threads, args.poll_seconds)
     try:
         for run, ids, code in schedule(pending, GpuPool(gpu_ids), max_parallel, runner.start, runner.wait):
@@ -503,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: stopping the running runs", file=sys.stderr)
         runner.terminate_all()
+        for run in pending:  # never started: say so, so they do not look queued forever
+            status_file = runlog.status_path(sweep.log_dir, run.tag)
+            status = runlog.read_status(status_file) or {}
+            if status.get("state") == "queued":
+                runlog.write_status(status_file, {**status, "state": "cancelled"})
         raise
     print()
     print(_summary(sweep, outcomes))

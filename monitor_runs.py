@@ -4,9 +4,10 @@
     python monitor_runs.py logs/ord --watch     # refresh in place every 10 s
     python monitor_runs.py records/medium/*/ --target 2.92 --json
 
-Status: finished (a val_loss line at step == total), crashed (a traceback or `error:` line in the log, or
-launch_sweep.py recorded a non-zero exit code or a process that vanished), queued (waiting in launch_sweep.py),
-running or stalled (the log, or the launcher's files if there is no log yet, unchanged for --stall-minutes).
+Status: finished (a val_loss line at step == total); crashed (a traceback or `error:` line in the log, or
+launch_sweep.py recorded a non-zero exit code or a process that vanished); queued (waiting in launch_sweep.py;
+cancelled if the launcher stopped first); running or stalled (stalled: the log, or the launcher's files while there
+is no log yet, unchanged for --stall-minutes).
 Reads our logs and the official record logs through runlog.parse_log.
 """
 
@@ -28,7 +29,7 @@ import runlog
 class RunRow:
     tag: str
     directory: str
-    status: str  # finished | crashed | queued | running | stalled
+    status: str  # finished | crashed | running | stalled | queued | cancelled
     step: int | None
     total: int | None
     last_val: float | None
@@ -51,10 +52,15 @@ def classify(log: runlog.RunLog | None, status: dict | None, age_s: float | None
     if log is not None and log.finished:
         return "finished", ""
     if state == "queued":
+        launcher = status.get("launcher_pid")
+        if status.get("host") == socket.gethostname() and isinstance(launcher, int) and not runlog.pid_alive(launcher):
+            return "cancelled", "launcher gone before the run started"
         return "queued", ""
+    if state == "cancelled" and log is None:
+        return "cancelled", "sweep interrupted before the run started"
     if log is not None and log.crashed:
-        first_error = log.error_lines[0] if log.error_lines else "traceback in log"
-        return "crashed", first_error[:80]
+        reason = log.error_lines[0] if log.error_lines else (log.exception or "traceback in log")
+        return "crashed", reason[:80]
     if code is not None:
         if code != 0:
             return "crashed", f"exit code {code}" + ("" if log is not None else ", no log (see console.log)")

@@ -109,7 +109,7 @@ def default_ylim(curves: list[Curve], target: float | None, skip_frac: float) ->
             keep = np.ones(len(curve.steps), dtype=bool)
         tops.append(np.nanmax(curve.high[keep]))
         bottoms.append(np.nanmin(curve.low))
-    if target is not None:
+    if target is not None and min(bottoms) < 1.1 * target:  # far-off targets (small CPU runs) would squash the curves
         bottoms.append(target)
     low, high = min(bottoms), max(tops)
     if high <= low:
@@ -160,9 +160,10 @@ def plot_runs(logs: list[runlog.RunLog], out: str, *, target: float | None = 2.9
             ax.axhline(target, color="black", ls="--", lw=1, label=f"target {target:g}")
         if log_y:
             ax.set_yscale("log")
-            # Plain tick labels: on a narrow log range the default 10^x labels say nothing.
-            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+            # Evenly spaced plain-number ticks: within one decade the default 10^k log ticks show nothing.
+            ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=8))
+            ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
+            ax.yaxis.set_minor_locator(ticker.NullLocator())
         ax.set_ylim(*limits)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

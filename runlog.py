@@ -55,6 +55,7 @@ class RunLog:
     header_lines: list[str] = field(default_factory=list)  # versions / hardware lines between the separators
     has_traceback: bool = False
     error_lines: list[str] = field(default_factory=list)  # `error: ...` lines
+    exception: str | None = None  # last line of the last traceback, e.g. "RuntimeError: debug crash at step 1"
     truncated: bool = False  # the last line had no newline and did not parse, so it was ignored
     empty: bool = False
 
@@ -203,6 +204,7 @@ def parse_log(path: str | os.PathLike) -> RunLog:
                 log.format = "ours"
         else:
             log.header_lines.append(line.rstrip("\r"))
+    in_traceback = False
     for index in range(body_start, len(lines)):
         line = lines[index].rstrip("\r")
         is_last_incomplete = index == len(lines) - 1 and not last_complete
@@ -228,9 +230,14 @@ def parse_log(path: str | os.PathLike) -> RunLog:
             if memory.group(2):
                 log.peak_memory_reserved_mib = int(memory.group(2))
         elif line.startswith("Traceback (most recent call last):"):
-            log.has_traceback = True
+            log.has_traceback = in_traceback = True
         elif line.startswith("error:"):
             log.error_lines.append(line)
+        elif in_traceback and line.strip() and not line[0].isspace():
+            # Frames are indented; the first unindented line is "ExceptionType: message".
+            if not line.startswith("During handling") and not line.startswith("The above exception"):
+                log.exception = line
+                in_traceback = False
     return log
 
 

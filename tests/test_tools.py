@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -88,6 +89,7 @@ def test_parse_ours_crashed_fixture():
     assert math.isnan(log.train[-1].loss)  # train_loss:nan parses
     assert log.crashed and log.has_traceback and log.error_lines[0].startswith("error: training diverged")
     assert not log.finished and log.last_step == 5 and log.total_steps == 8
+    assert log.exception == "RuntimeError: non-finite loss"
 
 
 def test_parse_generated_both_formats(tmp_path):
@@ -231,6 +233,16 @@ def test_schedule_packs_gpus():
         _fake_schedule(runs(16), list(range(8)))
 
 
+def test_a_run_that_cannot_start_is_recorded_as_crashed(tmp_path):
+    sweep = launch_sweep.expand_spec({"name": "x"}, "x.toml", log_dir=str(tmp_path))
+    runner = launch_sweep.ProcessRunner(sweep, [str(tmp_path / "no-such-torchrun")], threads=1, poll_s=0.01)
+    handle = runner.start(sweep.runs[0], [])
+    assert runner.wait({handle: None}) == [(handle, 127)]
+    status = runlog.read_status(runlog.status_path(str(tmp_path), "x-s0"))
+    assert (status["state"], status["exit_code"]) == ("crashed", 127)
+    assert "could not start the run" in open(runlog.console_path(str(tmp_path), "x-s0")).read()
+
+
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     spec = tmp_path / "s.json"
     spec.write_text(json.dumps({**SPEC, "log_dir": str(tmp_path / "logs")}))
@@ -268,11 +280,21 @@ def test_monitor_classifies_every_kind_of_run(tmp_path, capsys):
                                                                   "exit_code": 1})
     runlog.write_status(runlog.status_path(str(d), "waiting-s0"), {"tag": "waiting-s0", "state": "queued",
                                                                     "exit_code": None})
+    # processes that are gone: a launcher killed while a run waited, and a run killed with its launcher
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    runlog.write_status(runlog.status_path(str(d), "orphan-s0"), {"state": "queued", "launcher_pid": gone.pid,
+                                                                   "host": host})
+    write_log(d / "killed-s0.txt", upto=3)
+    runlog.write_status(runlog.status_path(str(d), "killed-s0"), {"state": "running", "pid": gone.pid, "host": host,
+                                                                   "exit_code": None})
     rows = {r.tag: r for r in monitor_runs.collect_runs([str(d)], target=2.92, stall_s=600)}
     assert {t: r.status for t, r in rows.items()} == {
         "done-s0": "finished", "official": "finished", "ord-spectral_lr_1-s2": "crashed",
         "live-s0": "running", "stuck-s0": "stalled", "fresh-s0": "running", "nolog-s0": "crashed",
-        "waiting-s0": "queued"}
+        "waiting-s0": "queued", "orphan-s0": "cancelled", "killed-s0": "crashed"}
+    assert "process gone" in rows["killed-s0"].note
     live = rows["live-s0"]
     assert (live.step, live.total, live.step_avg_ms) == (12, 20, 250.0)
     assert live.eta_s == pytest.approx((20 - 12) * 0.25) and live.note == "last line incomplete"
@@ -283,9 +305,9 @@ def test_monitor_classifies_every_kind_of_run(tmp_path, capsys):
 
     assert monitor_runs.main([str(d), "--target", "2.95"]) == 0
     table = capsys.readouterr().out
-    assert "official" in table and "yes@20" in table and "8 runs:" in table
+    assert "official" in table and "yes@20" in table and "10 runs:" in table
     assert monitor_runs.main([str(d), "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == 8
+    assert len(json.loads(capsys.readouterr().out)) == 10
     with pytest.raises(SystemExit):  # argparse: "no such log file or directory"
         monitor_runs.main([str(tmp_path / "missing")])
     assert "no such log file or directory" in capsys.readouterr().err
@@ -427,10 +449,10 @@ def _run_tool(args, cwd, timeout):
                           timeout=timeout)
 
 
-def _monitor_statuses(cwd, log_dir):
+def _monitor_rows(cwd, log_dir):
     proc = _run_tool([os.path.join(ROOT, "monitor_runs.py"), log_dir, "--json"], cwd, 30)
     assert proc.returncode == 0, proc.stderr
-    return {row["tag"]: row["status"] for row in json.loads(proc.stdout)}
+    return {row["tag"]: row for row in json.loads(proc.stdout)}
 
 
 @pytest.mark.slow
@@ -459,7 +481,10 @@ def test_sweep_end_to_end_on_cpu(tmp_path):
     summary = first.stdout[first.stdout.index("tag "):]
     assert [line.split()[:2] for line in summary.splitlines()[2:]] == [
         ["boom-s0", "crashed"], ["a-s0", "finished"], ["b-s0", "finished"]]
-    assert _monitor_statuses(tmp_path, log_dir) == {"boom-s0": "crashed", "a-s0": "finished", "b-s0": "finished"}
+    rows = _monitor_rows(tmp_path, log_dir)
+    assert {tag: row["status"] for tag, row in rows.items()} == {
+        "boom-s0": "crashed", "a-s0": "finished", "b-s0": "finished"}
+    assert "debug crash at step 1" in rows["boom-s0"]["note"]
     boom = runlog.read_status(runlog.status_path(log_dir, "boom-s0"))
     assert boom["exit_code"] != 0 and "--debug-crash-at-step 1" in boom["command"]
     assert runlog.parse_log(runlog.log_path(log_dir, "boom-s0")).has_traceback
@@ -478,4 +503,4 @@ def test_sweep_end_to_end_on_cpu(tmp_path):
         ["boom-s0", "finished"], ["a-s0", "skipped"], ["b-s0", "skipped"]]
     assert os.path.exists(runlog.log_path(log_dir, "boom-s0") + ".attempt1")  # the crashed log is kept
     assert runlog.read_status(runlog.status_path(log_dir, "boom-s0"))["attempt"] == 2
-    assert set(_monitor_statuses(tmp_path, log_dir).values()) == {"finished"}
+    assert {row["status"] for row in _monitor_rows(tmp_path, log_dir).values()} == {"finished"}
