@@ -52,7 +52,8 @@ def write_log(path, *, fmt="ours", total=20, val_every=5, final_loss=3.0, step_m
             lines.append(f"step:{step}/{total} val_loss:{loss_at(step):.{decimals}f} train_time:{time_ms:.0f}ms "
                          f"step_avg:{avg}ms")
     if crash:
-        lines += ["error: boom", "Traceback (most recent call last):", '  File "train_gpt.py", line 1', "RuntimeError: boom"]
+        lines += ["error: boom", "Traceback (most recent call last):", '  File "train_gpt.py", line 1',
+                  "RuntimeError: boom"]
     text = "\n".join(lines) + "\n" + tail
     if not newline_at_end:
         text = text.rstrip("\n")
@@ -104,12 +105,17 @@ def test_parse_generated_both_formats(tmp_path):
     assert ours.seed == 3 and ours.group == "a" and ours.train[0].loss == round(3.0 + 8 * 0.95**2 + 0.1, 4)
     assert (ours.peak_memory_allocated_mib, ours.peak_memory_reserved_mib) == (123, 456)
     assert official.val[1].loss == round(3.0 + 8 * 0.75**2, 6)
+    crashed = runlog.parse_log(write_log(tmp_path / "c.txt", fmt="official", upto=9, crash=True))
+    assert crashed.crashed and crashed.exception == "RuntimeError: boom" and crashed.error_lines == ["error: boom"]
+    assert not crashed.finished and crashed.last_step == 9
 
 
 def test_truncated_empty_and_header_only_logs(tmp_path):
     # A line cut in the middle of a number is ignored (and flagged); a complete last line without "\n" counts.
-    cut = runlog.parse_log(write_log(tmp_path / "cut.txt", upto=7, tail="step:8/20 val_loss:3.4"))
-    assert cut.truncated and cut.last_step == 7 and [p.step for p in cut.val] == [0, 5]
+    for tail in ("step:8/20 val_loss:3.4", "step:8/20 val_loss:3.4000 train_time:80",
+                 "step:8/20 train_loss:3.5000 train_time:800ms step_avg:10"):
+        cut = runlog.parse_log(write_log(tmp_path / "cut.txt", upto=7, tail=tail))
+        assert cut.truncated and cut.last_step == 7 and [p.step for p in cut.val] == [0, 5], tail
     whole = runlog.parse_log(write_log(tmp_path / "whole.txt", newline_at_end=False))
     assert whole.finished and not whole.truncated
     empty = tmp_path / "empty.txt"
