@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=2.92, help="val loss target (default 2.92)")
     parser.add_argument("--command", default=None, help="the command that produced the runs")
     parser.add_argument("--date", default=None, help="YYYY-MM-DD (default today)")
-    parser.add_argument("--records-dir", default="records", help="root of the records tree (default records)")
+    parser.add_argument("--records-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"),
+                        help="root of the records tree (default: records/ in the repository)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing record folder")
     args = parser.parse_args(argv)
     try:
