@@ -199,6 +199,26 @@ def test_bad_specs_raise_clear_errors(spec, message):
         launch_sweep.expand_spec(spec, "x.toml")
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "train_gpt.py")), reason="train_gpt.py not in checkout")
+def test_example_ord_spec_gives_valid_train_gpt_commands():
+    train_gpt = pytest.importorskip("train_gpt")
+    from optimizers import get_optimizer_class
+
+    path = os.path.join(ROOT, "sweeps", "ord_experiment.toml")
+    sweep = launch_sweep.expand_spec(launch_sweep.load_spec(path), path)
+    assert [r.tag for r in sweep.runs] == ["baseline_std_0-s0", "spectral_lr_0-s0", "spectral_lr_1-s0"]
+    configs = []
+    for run in sweep.runs:
+        command = launch_sweep.build_command(run, sweep, ["torchrun"])
+        assert command[2] == "--nproc_per_node=8"
+        configs.append(train_gpt.parse_config(command[4:]))  # unknown flags would exit here
+    for cfg in configs:
+        get_optimizer_class(cfg.optimizer)  # a registered name
+        assert (cfg.num_iterations, cfg.val_loss_every, cfg.seed) == (1600, 50, 0)
+    assert [train_gpt.parse_optimizer_args(c.optimizer_args) for c in configs] == [
+        {}, {"spectral_lr_mul": 0.0}, {"spectral_lr_mul": 1.0}]
+
+
 def _fake_schedule(runs, gpu_ids, max_parallel=None):
     """Drive launch_sweep.schedule with fake processes that end in start order; record concurrency."""
     active, starts, peak = [], [], [0]
