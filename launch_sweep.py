@@ -474,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     gpu_ids = [] if args.cpu else (list(range(args.gpus)) if args.gpus is not None else detect_gpus())
+    too_big = sorted({r.gpus for r in sweep.runs if gpu_ids and r.gpus > len(gpu_ids)})
+    if too_big:
+        print(f"error: runs need {too_big[-1]} GPUs but {len(gpu_ids)} are available ({gpu_ids}); "
+              "lower gpus_per_run (--gpus-per-run) or run on a bigger node", file=sys.stderr)
+        return 2
     max_parallel = args.max_parallel or sweep.max_parallel or (None if gpu_ids else 1)
     threads = None
     if not gpu_ids:  # share the CPU cores between the concurrent processes

@@ -286,6 +286,8 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     assert launch_sweep.main([str(spec), "--dry-run", "--cpu", "--only", "muon-*"]) == 0
     commands = [line for line in capsys.readouterr().out.splitlines() if "--nproc_per_node" in line]
     assert len(commands) == 4 and all(line.startswith("CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS=") for line in commands)
+    assert launch_sweep.main([str(spec), "--gpus", "1"]) == 2  # the 2-GPU runs cannot fit: nothing starts
+    assert "runs need 2 GPUs but 1 are available" in capsys.readouterr().err and not (tmp_path / "logs").exists()
 
 
 # ----------------------------------------------------------------------------------------------- monitor_runs
