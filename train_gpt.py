@@ -125,6 +125,7 @@ PRESETS: dict[str, dict] = {
         device="cpu", compile=False,
         train_files="data/demo/demo_train_*.bin", val_files="data/demo/demo_val_*.bin",
         val_tokens=32768, seq_len=256, micro_batch_tokens=1024, batch_tokens=2048, val_seq_len=4096,
+        align_to_bos=False,  # the demo corpus is 49 whole books: BOS-aligned rows would only ever see their openings
         num_layers=4, model_dim=128, num_heads=4, head_dim=32,
         num_value_embeds=1, skip_connections="1:2,0:3", mlp_only_layers="", long_window_layers="0,3",
         max_window_tokens=256, window_block=32,
