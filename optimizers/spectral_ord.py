@@ -29,6 +29,7 @@ matrix (a 3-D parameter gives one per slice, with "slice"):
 record naming its parameter by `param_names[i]` (names of the params in the order given) or by index i.
 Under a process group each owner measures its own slice; the records are all-gathered so every rank holds the
 full list, and only rank 0 appends them to `diagnostics_path` (JSON lines, one line per diagnostic step).
+load_state_dict drops the diagnostics of steps at or past the restored step (rolled-back warm-up steps).
 """
 from __future__ import annotations
 
@@ -119,6 +120,7 @@ class SpectralORD(Muon):
         self.diagnostics_path = diagnostics_path
         self.diagnostics: list[dict] = []  # one {"step": s, "matrices": [records]} per diagnostic step
         self._written = 0  # entries of self.diagnostics already appended to the file
+        self._line_offsets: list[int] = []  # rank 0: byte offset of each written entry in diagnostics_path
         self._pending_records: list[dict] = []
         self._replicate_rho: dict[torch.Tensor, torch.Tensor] = {}  # param -> (K, B) on diagnostic steps
         defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend)
@@ -240,18 +242,33 @@ class SpectralORD(Muon):
         if self.diagnostics_path is not None:
             self.write_diagnostics()
 
-    def write_diagnostics(self, path: str | None = None) -> None:
-        """Append the diagnostic steps not yet written to `path` (default diagnostics_path) as JSON lines.
+    def write_diagnostics(self) -> None:
+        """Append the diagnostic steps not yet written to diagnostics_path as JSON lines (rank 0 only).
 
-        Only rank 0 writes; other ranks return without touching the file.
+        Called automatically after each diagnostic step when diagnostics_path is set.
         """
-        path = path if path is not None else self.diagnostics_path
-        if path is None:
-            raise ValueError("no diagnostics file: pass a path or construct the optimizer with diagnostics_path")
-        if dist_info()[0] != 0:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as f:
-            for entry in self.diagnostics[self._written:]:
-                f.write(json.dumps(entry) + "\n")
+        if self.diagnostics_path is None:
+            raise ValueError("no diagnostics file: construct the optimizer with diagnostics_path=...")
+        if dist_info()[0] == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(self.diagnostics_path)), exist_ok=True)
+            with open(self.diagnostics_path, "a") as f:
+                for entry in self.diagnostics[self._written:]:
+                    self._line_offsets.append(f.tell())  # where this entry's line starts, for rewinding
+                    f.write(json.dumps(entry) + "\n")
         self._written = len(self.diagnostics)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also forget diagnostics of steps at or past the restored step count (e.g. untimed warm-up steps
+        whose state is rolled back): they are dropped from `diagnostics` and cut from the file if this
+        optimizer wrote them."""
+        super().load_state_dict(state_dict)
+        restored = min(group["step"] for group in self.param_groups)
+        kept = 0
+        while kept < len(self.diagnostics) and self.diagnostics[kept]["step"] < restored:
+            kept += 1
+        if kept < self._written and self._line_offsets:
+            with open(self.diagnostics_path, "r+") as f:
+                f.truncate(self._line_offsets[kept])
+            del self._line_offsets[kept:]
+        del self.diagnostics[kept:]
+        self._written = min(self._written, kept)

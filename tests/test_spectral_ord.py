@@ -3,6 +3,7 @@ computation, re-projection and matched scaling, state_dict resume, diagnostics (
 and a 2-process gloo run."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -170,6 +171,25 @@ def test_diagnostics_file_and_values(tmp_path):
                         g_norm=G.norm().item(), w_norm=W.norm().item())
         for key, value in expected.items():
             assert math.isclose(record[key], value, rel_tol=1e-4, abs_tol=1e-6), (key, record[key], value)
+
+
+def test_rolled_back_warmup_steps_leave_no_diagnostics(tmp_path):
+    path = tmp_path / "ord.jsonl"
+    path.write_text('{"step": -1, "matrices": []}\n')  # an earlier run's line (resume appends): kept
+    W, G = random_pair((6, 9), seed=12, radial=0.2)
+    params = params_like([W])
+    opt = SpectralORD(params, lr=0.01, spectral_lr_mul=1.0, diagnostics_every=1, diagnostics_path=str(path))
+    saved = copy.deepcopy(opt.state_dict())  # as train_gpt does around its untimed warm-up
+    for _ in range(3):
+        set_grads(params, [G])
+        opt.step()
+    assert len(path.read_text().splitlines()) == 4
+    opt.load_state_dict(saved)
+    assert opt.diagnostics == [] and path.read_text().splitlines() == ['{"step": -1, "matrices": []}']
+    for _ in range(2):
+        set_grads(params, [G])
+        opt.step()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [-1, 0, 1]
 
 
 @pytest.mark.parametrize("bad, message", [
