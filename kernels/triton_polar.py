@@ -170,25 +170,30 @@ def _mm_kernel(
         tl.store(c_ptrs, out, mask=tile_mask)
 
 
-# Autotuning candidates for sm_90 (H100 / H200: 228 KB shared memory per SM). Configs that do
-# not fit are skipped by the autotuner (OutOfResources).
+# Autotuning candidates for sm_90 (H100 / H200: 228 KB shared memory per SM), kept short so that
+# tuning a new shape takes seconds. The last entry of each list is the only one tried for fp32
+# operands (exact fp32 products run on the CUDA cores; tuning them is slow and pointless).
 def _sym_configs() -> list:
     shapes = [  # (BLOCK, BLOCK_K, num_warps, num_stages)
-        (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4),
-        (64, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+        (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 4), (128, 128, 8, 2),
+        (64, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 3),
     ]
     return [triton.Config({"BLOCK": b, "BLOCK_K": bk}, num_warps=w, num_stages=s) for b, bk, w, s in shapes]
 
 
 def _mm_configs() -> list:
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+        (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
+
+
+def _prune_fp32(configs, named_args, **kwargs):
+    return [configs[-1]] if named_args["L"].dtype == torch.float32 else configs
 
 
 _SYM_HEURISTICS = {
@@ -210,8 +215,10 @@ def _kernels(interpret: bool) -> tuple:
         sym = triton.heuristics(_SYM_HEURISTICS)(triton.jit(_sym_mm_kernel))
         mm = triton.heuristics(_MM_HEURISTICS)(triton.jit(_mm_kernel))
         if not interpret:
-            sym = triton.autotune(_sym_configs(), key=["M", "K", "batch", "s_lm", "s_lk"])(sym)
-            mm = triton.autotune(_mm_configs(), key=["M", "N", "K", "batch", "s_lm", "s_rk", "s_cm"])(mm)
+            prune = {"early_config_prune": _prune_fp32}
+            sym = triton.autotune(_sym_configs(), key=["M", "K", "batch", "s_lm", "s_lk"], prune_configs_by=prune)(sym)
+            mm = triton.autotune(_mm_configs(), key=["M", "N", "K", "batch", "s_lm", "s_rk", "s_cm"],
+                                 prune_configs_by=prune)(mm)
         _KERNEL_CACHE[interpret] = (sym, mm)
     return _KERNEL_CACHE[interpret]
 
@@ -333,39 +340,72 @@ def _wide_view(T: torch.Tensor, transposed: bool) -> torch.Tensor:
     return T.mT if transposed else T
 
 
-def polar_iterate(G: torch.Tensor, coeffs: Sequence[tuple[float, float, float]],
-                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Odd-polynomial polar iteration on a stack G (..., rows, cols); returns G's shape and dtype.
-
-    X0 = G / (||G||_F * 1.02 + 1e-6) per matrix, then for each (a, b, c):
-        A = X X^T;  B = c A A^T + b A;  X = a X + B X     on the wide side (m <= n).
-    compute_dtype: storage dtype of X, A, B between kernels (default bfloat16 on CUDA,
-    float32 on CPU); products accumulate in fp32. The last line writes G's dtype directly.
-    """
+def _stack3(G: torch.Tensor, what: str) -> torch.Tensor:
+    """Validated (B, rows, cols) view (or copy) of a (..., rows, cols) float tensor."""
     if G.ndim < 2:
-        raise ValueError(f"expected a matrix or a stack of matrices, got shape {tuple(G.shape)}")
+        raise ValueError(f"{what} needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     if not G.is_floating_point():
-        raise ValueError(f"expected a floating-point tensor, got {G.dtype}")
-    if len(coeffs) == 0:
-        raise ValueError("polar_iterate needs at least one (a, b, c) coefficient triple")
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    shape = G.shape
-    rows, cols = shape[-2], shape[-1]
-    batch = math.prod(shape[:-2])
-    if G.numel() == 0:
-        return torch.empty(shape, dtype=G.dtype, device=G.device)
-    G3 = G.reshape(batch, rows, cols)
+        raise ValueError(f"{what} needs a floating-point tensor, got {G.dtype}")
+    return G.reshape(math.prod(G.shape[:-2]), G.shape[-2], G.shape[-1])
+
+
+# CUDA graphs: one msign is ~15 kernel launches whose Python launch cost (~50 us each through
+# the autotuner) exceeds their GPU time at the medium-track sizes, so each (shape, dtype, recipe)
+# is captured once and replayed. Set USE_CUDA_GRAPHS = False (or pass cuda_graph=False) to launch
+# eagerly; calls made while a graph is being captured always launch eagerly.
+USE_CUDA_GRAPHS = True
+_GRAPHS: dict[tuple, "_GraphedCall"] = {}
+
+
+class _GraphedCall:
+    """fn(static_input) captured in a CUDA graph; __call__ copies in, replays, returns a fresh copy."""
+
+    def __init__(self, fn, like: torch.Tensor):
+        self.static_in = torch.randn(like.shape, device=like.device).to(like.dtype)
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):
+            fn(self.static_in)  # autotunes and compiles every kernel outside the capture
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
+def clear_graph_cache() -> None:
+    """Drop the captured graphs (and the GPU memory their buffers hold)."""
+    _GRAPHS.clear()
+
+
+def _run(key: tuple, fn, G3: torch.Tensor, cuda_graph: bool | None) -> torch.Tensor:
+    """fn(G3), through a cached CUDA graph when on CUDA and enabled."""
+    if cuda_graph is None:
+        cuda_graph = USE_CUDA_GRAPHS
+    if not (cuda_graph and G3.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return fn(G3)
+    key = (key, tuple(G3.shape), G3.dtype, G3.device)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = _GraphedCall(fn, G3)
+    return _GRAPHS[key](G3)
+
+
+def _polar_launch(G3: torch.Tensor, coeffs: tuple, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The kernel sequence of polar_iterate on a (B, rows, cols) stack; returns a new (B, rows, cols)."""
+    batch, rows, cols = G3.shape
     transposed = rows > cols  # iterate on X = G^T through strides
     m = min(rows, cols)
-
     # X0 in compute dtype, stored like G (B, rows, cols): one elementwise pass.
     norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    X = torch.empty((batch, rows, cols), dtype=compute_dtype, device=G.device)
+    X = torch.empty((batch, rows, cols), dtype=compute_dtype, device=G3.device)
     torch.mul(G3, 1.0 / (norm * NORM_SAFETY + NORM_EPS), out=X)
     X_next = torch.empty_like(X)
-    out = torch.empty((batch, rows, cols), dtype=G.dtype, device=G.device)
-    A = torch.empty((batch, m, m), dtype=compute_dtype, device=G.device)
+    out = torch.empty((batch, rows, cols), dtype=G3.dtype, device=G3.device)
+    A = torch.empty((batch, m, m), dtype=compute_dtype, device=G3.device)
     Bm = torch.empty_like(A)
     for step, (a, b, c) in enumerate(coeffs):
         Xw = _wide_view(X, transposed)                        # (B, m, n)
@@ -374,36 +414,39 @@ def polar_iterate(G: torch.Tensor, coeffs: Sequence[tuple[float, float, float]],
         dst = out if step == len(coeffs) - 1 else X_next
         mm(_wide_view(dst, transposed), Bm, Xw, E=Xw, beta=a)  # X' = B X + a X
         X, X_next = dst, X
-    return out.reshape(shape)
+    return out
 
 
-def gram_poly(G: torch.Tensor, coeffs: Sequence[float], compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """G g(G^T G) with g(x) = sum_k coeffs[k] x^k, on the short side; G's shape and dtype.
+def polar_iterate(G: torch.Tensor, coeffs: Sequence[tuple[float, float, float]],
+                  compute_dtype: torch.dtype | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """Odd-polynomial polar iteration on a stack G (..., rows, cols); returns G's shape and dtype.
 
-    Wide G (rows <= cols) uses the equal form g(G G^T) G. Horner's rule runs on the small
-    (m, m) Gram matrix with the symmetric kernel (each step P <- P A + c_k I), then one
-    (m, m) x (m, n) product. compute_dtype as in polar_iterate.
+    X0 = G / (||G||_F * 1.02 + 1e-6) per matrix, then for each (a, b, c):
+        A = X X^T;  B = c A A^T + b A;  X = a X + B X     on the wide side (m <= n).
+    compute_dtype: storage dtype of X, A, B between kernels (default bfloat16 on CUDA,
+    float32 on CPU); products accumulate in fp32. The last line writes G's dtype directly.
+    cuda_graph: replay a captured CUDA graph per shape (default USE_CUDA_GRAPHS; CUDA only).
     """
-    if G.ndim < 2:
-        raise ValueError(f"expected a matrix or a stack of matrices, got shape {tuple(G.shape)}")
-    coeffs = [float(c) for c in coeffs]
-    if len(coeffs) == 0:
-        raise ValueError("gram_poly needs at least one coefficient")
+    G3 = _stack3(G, "msign")
+    coeffs = tuple(tuple(float(v) for v in abc) for abc in coeffs)
+    if len(coeffs) == 0 or any(len(abc) != 3 for abc in coeffs):
+        raise ValueError("polar_iterate needs one or more (a, b, c) coefficient triples")
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    shape = G.shape
-    rows, cols = shape[-2], shape[-1]
-    batch = math.prod(shape[:-2])
     if G.numel() == 0:
-        return torch.empty(shape, dtype=G.dtype, device=G.device)
+        return torch.empty_like(G)
+    out = _run(("polar", coeffs, compute_dtype), lambda x: _polar_launch(x, coeffs, compute_dtype), G3, cuda_graph)
+    return out.reshape(G.shape)
+
+
+def _gram_poly_launch(G3: torch.Tensor, coeffs: tuple, compute_dtype: torch.dtype) -> torch.Tensor:
+    batch, rows, cols = G3.shape
     transposed = rows > cols
     m = min(rows, cols)
-    X = G.reshape(batch, rows, cols).to(compute_dtype)
+    X = G3.to(compute_dtype)
     Xw = _wide_view(X, transposed)
-    if len(coeffs) == 1:  # g is a constant
-        return G * coeffs[0]
-    out = torch.empty((batch, rows, cols), dtype=G.dtype, device=G.device)
-    A = torch.empty((batch, m, m), dtype=compute_dtype, device=G.device)
+    out = torch.empty((batch, rows, cols), dtype=G3.dtype, device=G3.device)
+    A = torch.empty((batch, m, m), dtype=compute_dtype, device=G3.device)
     sym_mm(A, Xw, Xw)                                          # A = X X^T
     # P = c_d A + c_{d-1} I (elementwise), then P <- P A + c_k I down to k = 0.
     P = A * coeffs[-1]
@@ -413,4 +456,25 @@ def gram_poly(G: torch.Tensor, coeffs: Sequence[float], compute_dtype: torch.dty
         sym_mm(P_next, P, A, diag=ck)                          # P A (symmetric: P and A commute)
         P, P_next = P_next, P
     mm(_wide_view(out, transposed), P, Xw)                     # out = P X
-    return out.reshape(shape)
+    return out
+
+
+def gram_poly(G: torch.Tensor, coeffs: Sequence[float], compute_dtype: torch.dtype | None = None,
+              cuda_graph: bool | None = None) -> torch.Tensor:
+    """G g(G^T G) with g(x) = sum_k coeffs[k] x^k, on the short side; G's shape and dtype.
+
+    Wide G (rows <= cols) uses the equal form g(G G^T) G. Horner's rule runs on the small
+    (m, m) Gram matrix with the symmetric kernel (each step P <- P A + c_k I), then one
+    (m, m) x (m, n) product. compute_dtype and cuda_graph as in polar_iterate.
+    """
+    G3 = _stack3(G, "gram_poly")
+    coeffs = tuple(float(c) for c in coeffs)
+    if len(coeffs) == 0:
+        raise ValueError("gram_poly needs at least one coefficient")
+    if len(coeffs) == 1 or G.numel() == 0:  # g is a constant
+        return G * coeffs[0] if coeffs else torch.empty_like(G)
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    out = _run(("gram_poly", coeffs, compute_dtype), lambda x: _gram_poly_launch(x, coeffs, compute_dtype),
+               G3, cuda_graph)
+    return out.reshape(G.shape)
