@@ -259,8 +259,8 @@ def sym_mm(out: torch.Tensor, L: torch.Tensor, R: torch.Tensor, alpha: float = 1
            config: dict | None = None) -> torch.Tensor:
     """out = alpha * L R^T + beta * D + diag * I, for (B, M, K) L, R whose product is symmetric.
 
-    Only the lower triangle of tiles is computed; the upper triangle is its mirror, so the result
-    is exactly symmetric. The caller guarantees symmetry of L R^T (L = R, or commuting symmetric
+    Only the lower triangle of tiles is computed; the tiles above the diagonal are written as
+    their mirror images (diagonal tiles are symmetric up to rounding). The caller guarantees symmetry of L R^T (L = R, or commuting symmetric
     L, R) and of D. Any strides; out (B, M, M) must not overlap the inputs.
     config: explicit tile sizes (BLOCK, BLOCK_K) instead of the default for the mode.
     """
