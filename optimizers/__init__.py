@@ -4,22 +4,23 @@ OPTIMIZERS maps a name to a class called as Cls(params, lr=..., momentum=..., we
 """
 from __future__ import annotations
 
-
 import torch
 
 from optimizers.adam import AdamWMatrix, DistAdam, adam_update
 from optimizers.distributed import ShardedMatrixOptimizer, dist_info
 from optimizers.muon import Muon, muon_update
+from optimizers.spectral_echo import SpectralEcho
 from optimizers.spectral_ord import SpectralORD
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "muon": Muon,
     "adamw": AdamWMatrix,
     "spectral_ord": SpectralORD,
+    "spectral_echo": SpectralEcho,
 }
 
-__all__ = ["OPTIMIZERS", "get_optimizer_class", "Muon", "SpectralORD", "DistAdam", "AdamWMatrix", "ShardedMatrixOptimizer",
-           "muon_update", "adam_update", "dist_info"]
+__all__ = ["OPTIMIZERS", "get_optimizer_class", "Muon", "SpectralORD", "SpectralEcho", "DistAdam", "AdamWMatrix",
+           "ShardedMatrixOptimizer", "muon_update", "adam_update", "dist_info"]
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
