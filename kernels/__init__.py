@@ -3,6 +3,8 @@
 Backends: "torch" (plain torch reference, any device) and "triton" (kernels/triton_polar.py:
 batched symmetric kernels, CUDA; on CPU only under TRITON_INTERPRET=1). backend=None picks
 Triton for CUDA tensors and torch for CPU tensors. Triton is imported only when it is used.
+On CUDA the Triton path captures one CUDA graph per (shape, dtype, recipe) on first use and
+replays it afterwards (kernels.triton_polar.USE_CUDA_GRAPHS, clear_graph_cache()).
 """
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ BACKENDS = ("torch", "triton")
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the triton package can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_backend(G: torch.Tensor, backend: str | None) -> str:

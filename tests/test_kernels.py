@@ -178,6 +178,20 @@ def test_soft_msign_matches_svd(shape, backend):
         assert (out.double() - ref).abs().max().item() < 1e-5, f"c = {rel_c} * mean(s^2)"
 
 
+@pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-6), ("triton", torch.float32, 1e-4)])
+def test_soft_msign_accurate_down_to_documented_c(backend, dtype, tol):
+    """Singular values spread over 5 decades; c = 1e-6 ||G||_F^2 is the documented lower limit."""
+    gen = torch.Generator().manual_seed(8)
+    U, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(48, 32, generator=gen, dtype=torch.float64))
+    S = torch.logspace(-5, 0, 32, dtype=torch.float64)
+    G = U @ torch.diag(S) @ V.T
+    c = 1e-6 * (G.norm() ** 2).item()
+    out = kernels.soft_msign(G.to(dtype), c, backend=backend, compute_dtype=dtype)
+    ref = U @ torch.diag(S / torch.sqrt(S ** 2 + c)) @ V.T
+    assert (out.double() - ref).abs().max().item() < tol
+
+
 def test_soft_msign_per_matrix_c_and_errors():
     G = torch.randn(3, 20, 12, generator=torch.Generator().manual_seed(4))
     c = torch.tensor([0.5, 2.0, 8.0])
