@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import glob
+import inspect
 import json
 import math
 import os
@@ -500,20 +501,25 @@ def momentum_at(cfg: Hyperparameters, step: int) -> float:
     return (1 - frac) * cfg.momentum_warmup_start + frac * cfg.momentum
 
 
-def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | None = None
+                     ) -> list[torch.optim.Optimizer]:
     """Hidden matrices -> the chosen matrix optimizer; embeddings, head and scalars -> DistAdam.
-    Every parameter lands in exactly one group (asserted)."""
+    Every parameter lands in exactly one group (asserted). Optimizers that take `param_names` get the hidden
+    matrices' names; those that write diagnostics get `diagnostics_path` unless --optimizer-args sets one."""
     from optimizers import DistAdam, get_optimizer_class
 
     attn_mats, mlp_mats, scalars = [], [], []
-    for block in model.blocks:
+    attn_names, mlp_names = [], []
+    for i, block in enumerate(model.blocks):
         for name, p in block.named_parameters():
             if p.ndim < 2:
                 scalars.append(p)
             elif name.startswith("mlp."):
                 mlp_mats.append(p)
+                mlp_names.append(f"blocks.{i}.{name}")
             else:
                 attn_mats.append(p)
+                attn_names.append(f"blocks.{i}.{name}")
     embeds = [model.embed.weight] + [t.weight for t in model.value_embeds]
     scalars.append(model.skip_weights)
     head = [model.head.weight]
@@ -526,6 +532,11 @@ def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optim
                      dict(params=scalars, lr=cfg.scalar_lr)], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps)
     matrix_cls = get_optimizer_class(cfg.optimizer)
     kwargs = parse_optimizer_args(cfg.optimizer_args)
+    accepted = inspect.signature(matrix_cls.__init__).parameters
+    if "param_names" in accepted:
+        kwargs.setdefault("param_names", attn_names + mlp_names)
+    if "diagnostics_path" in accepted and kwargs.get("diagnostics_every", 0) and diagnostics_path:
+        kwargs.setdefault("diagnostics_path", diagnostics_path)
     try:
         matrix = matrix_cls([dict(params=attn_mats, weight_decay_mul=1.0),
                              dict(params=mlp_mats, weight_decay_mul=cfg.mlp_weight_decay_mul)],
@@ -696,6 +707,25 @@ def model_masks(model, inputs, window, use_flex):
     return raw.attention_masks(inputs, window, use_flex)
 
 
+def optimizer_summary(opt) -> list[str]:
+    """Log lines summarising a matrix optimizer's own measurements (ORD diagnostics, echo curves), if any."""
+    lines = []
+    diagnostics = getattr(opt, "diagnostics", None)
+    if diagnostics:
+        last = diagnostics[-1]
+        mats = last["matrices"]
+        for key in ("rho", "spectral_frac", "term_ratio", "cos_polar_w"):
+            values = [m[key] for m in mats if m.get(key) is not None]
+            if values:
+                lines.append(f"diagnostics step {last['step']}: {key} mean {sum(values) / len(values):.4g} "
+                             f"min {min(values):.4g} max {max(values):.4g} over {len(values)} matrices")
+    report = getattr(opt, "echo_report", None)
+    if report is not None:
+        for entry in report()[:8]:
+            lines.append("echo curve: " + json.dumps(entry, default=float))
+    return lines
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -745,7 +775,12 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     model = GPT(cfg).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     log.write(f"model: {num_params / 1e6:.2f}M parameters, {cfg.num_layers} layers, d={cfg.model_dim}")
-    optimizers = build_optimizers(model, cfg)
+    diagnostics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.{cfg.optimizer}.jsonl")
+    optimizers = build_optimizers(model, cfg, diagnostics_path)
+    if getattr(optimizers[1], "diagnostics_path", None):
+        log.write(f"optimizer diagnostics: {optimizers[1].diagnostics_path}")
+    # optimizers that estimate gradient noise (spectral_echo) take each micro-batch's gradient as a replicate
+    record_replicate = getattr(optimizers[1], "add_replicate_gradients", None)
     use_flex = device.type == "cuda"
     rows = cfg.micro_batch_tokens // cfg.seq_len
     if use_flex and rows != 1:
@@ -763,6 +798,8 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
             with autocast(device):
                 loss = step_model(inputs, targets, model_masks(step_model, inputs, window, use_flex))
             (loss / accum_steps).backward()
+            if record_replicate is not None:
+                record_replicate()
             loss_sum += loss.detach().float()
         mult, mom = lr_multiplier(cfg, step), momentum_at(cfg, step)
         for opt in optimizers:
@@ -858,6 +895,8 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     if device.type == "cuda":
         log.write(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                   f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    for line in optimizer_summary(optimizers[1]):
+        log.write(line)
     if cfg.report_unigram and master:
         from data.shards import unigram_cross_entropy
         unigram = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=50257)
