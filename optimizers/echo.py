@@ -526,7 +526,8 @@ ALL_FAMILIES = ("gavish_donoho", *CURVE_FAMILIES, "isotonic")
 class CurveFit:
     """A fitted echo-ratio curve and its fit statistics (on the points it was fitted to).
 
-    params: fitted constants in raw units (tau in units of s, c in units of s^2).
+    params: fitted constants in raw units (tau in units of s, c in units of s^2); param_se: their
+    standard errors (parametric families; from the fit's Jacobian, inflated by reduced chi^2 when > 1).
     n_params: fitted constants (isotonic: number of pooled blocks). chi2 uses the points' se.
     resid_autocorr: lag-1 autocorrelation of standardised residuals ordered by s (> 0.3: wrong shape).
     """
@@ -540,6 +541,7 @@ class CurveFit:
     resid_autocorr: float
     predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     success: bool = True
+    param_se: dict[str, float] = field(default_factory=dict)
 
 
 def _fit_stats(family, params, n_params, predict, s, r, se, success=True) -> CurveFit:
@@ -619,4 +621,10 @@ def fit_curve(
     theta = best.x
     params = {n: float(v * s_ref ** unit(n)) for n, v in zip(fam.names, theta)}
     predict = lambda xs: fam.fn(np.asarray(xs, dtype=np.float64) / s_ref, *theta)
-    return _fit_stats(family, params, len(theta), predict, s, r, se, success=bool(best.success))
+    fit = _fit_stats(family, params, len(theta), predict, s, r, se, success=bool(best.success))
+    # parameter standard errors from the Jacobian of the standardised residuals, inflated by the
+    # reduced chi^2 when the model does not fit within the points' errors
+    J = best.jac
+    cov = np.linalg.pinv(J.T @ J) * max(1.0, fit.reduced_chi2 if np.isfinite(fit.reduced_chi2) else 1.0)
+    fit.param_se = {n: float(math.sqrt(max(cov[i, i], 0.0)) * s_ref ** unit(n)) for i, n in enumerate(fam.names)}
+    return fit

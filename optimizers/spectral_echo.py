@@ -166,13 +166,14 @@ class SpectralEcho(Muon):
         n_bins, bin_min: the fixed log grid of s / ||X_A||_F for the binned echo ratio.
         power_iters: power iterations per step for s_max (warm-started from the previous step).
         soft_polish: Newton-Schulz polish steps of kernels.soft_msign.
+        param_names: optional names of the parameters (param-group order), used to label echo_report().
     """
 
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None,
                  shrink: bool = True, fit_every: int = 50, fit_scope: str = "layer", c_rel: float | None = None,
                  normalize: str = "top", n_bins: int = 24, bin_min: float = 1e-4, power_iters: int = 6,
-                 soft_polish: int = 2):
+                 soft_polish: int = 2, param_names: list[str] | None = None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend,
                         shrink=shrink, fit_every=fit_every, fit_scope=fit_scope, c_rel=c_rel,
@@ -183,6 +184,11 @@ class SpectralEcho(Muon):
         self._pending_stats: dict[tuple, list] = {}  # (group index, shape) -> [(param, bin stats)] of this step
         self._warned_few = False
         ShardedMatrixOptimizer.__init__(self, params, defaults)  # Muon's checks run through validate_group
+        flat = [p for g in self.param_groups for p in g["params"]]
+        if param_names is not None and len(param_names) != len(flat):
+            raise ValueError(f"param_names has {len(param_names)} names for {len(flat)} parameters; give one name "
+                             "per parameter in param-group order, or None")
+        self._names = {id(p): n for p, n in zip(flat, param_names or [])}  # labels for echo_report only
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -394,6 +400,7 @@ class SpectralEcho(Muon):
             for pi, p in enumerate(group["params"]):
                 state = self.state.get(p, {})
                 if "echo_c_rel" in state:
-                    out.append({"group": gi, "param": pi, "shape": "x".join(map(str, p.shape)),
+                    out.append({"group": gi, "param": self._names.get(id(p), pi),
+                                "shape": "x".join(map(str, p.shape)),
                                 "c_rel": state["echo_c_rel"].reshape(-1).tolist(), **state.get("echo_fit", {})})
         return out

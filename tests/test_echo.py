@@ -231,3 +231,131 @@ def test_gavish_donoho_family_has_no_free_constants_and_matches_the_closed_form(
         echo.fit_curve("gavish_donoho", s, s, s)
     with pytest.raises(ValueError, match="unknown curve family"):
         echo.fit_curve("spline", s, s, s)
+
+
+def test_fit_parameter_standard_errors_are_calibrated():
+    s = np.geomspace(0.2, 30.0, 25)
+    r_true = echo.CURVE_FAMILIES["hill"].fn(s, 2.0)
+    rng = np.random.default_rng(7)
+    fits = [echo.fit_curve("hill", s, r_true + 0.01 * rng.normal(size=s.size), np.full(s.size, 0.01))
+            for _ in range(60)]
+    taus = np.array([f.params["tau"] for f in fits])
+    se = np.mean([f.param_se["tau"] for f in fits])
+    assert taus.std() == pytest.approx(se, rel=0.3)
+    assert abs(taus.mean() - 2.0) < 4 * se / math.sqrt(len(fits))
+
+
+# ---- spectral_probe.py: the diagnostics built on these estimators -----------------------------------------
+
+import spectral_probe  # noqa: E402
+
+
+def test_monotonicity_flags_a_planted_reversal_only():
+    x = np.geomspace(0.1, 10, 8)
+    r = x ** 2 / (x ** 2 + 1)
+    se = np.full(8, 0.01)
+    clean = spectral_probe.monotonicity(x, r, se)
+    assert clean["reversals"] == 0 and clean["spearman"] == pytest.approx(1.0) and not clean["top_dip"]
+    assert clean["ratio"]["reversals"] == 0
+    r_bad = r.copy()
+    r_bad[4] = (r[3] - 0.1) * x[3] / x[4]  # amplitude a = r s drops by 0.1 s_3: z = 10 / sqrt(1 + (x4/x3)^2) > 4
+    bad = spectral_probe.monotonicity(x, r_bad, se)
+    assert bad["reversals"] == 1 and bad["max_reversal_z"] > 4 and bad["ratio"]["reversals"] >= 1
+    # a falling ratio with a rising amplitude (noise at the low end of a signal-rich spectrum) is no reversal
+    r_fall = np.linspace(1.4, 0.9, 8)
+    fall = spectral_probe.monotonicity(x, r_fall, se)
+    assert fall["reversals"] == 0 and fall["ratio"]["reversals"] == 7
+
+
+def test_alignment_identifies_separated_spikes_but_not_the_noise_bulk():
+    M, N, K, sigma = 30, 50, 8, 0.05
+    gen = torch.Generator().manual_seed(8)
+    G = spiked(M, N, [12.0, 8.0, 5.0], sigma * math.sqrt(N), gen)
+    R = G + sigma * torch.randn(K, M, N, generator=gen, dtype=torch.float64)
+    loo = echo.estimate_echo(R, leave_one_out=True)
+    out = spectral_probe.alignment(R, loo.s, top=3)
+    assert out["identifiable_top"] == 1.0 and out["first_unidentifiable"] >= 3
+    assert out["identifiable_all"] < 0.5  # the bulk atoms do not match across halves
+
+
+def test_knee_interpolates_on_log_x():
+    x = np.array([0.5, 1.0, 2.0, 4.0])
+    r = np.array([0.1, 0.3, 0.7, 0.9])
+    k = spectral_probe.knee(x, r, np.array([0.01, 0.02, 0.04, 0.04]))
+    assert k["level"] == 0.45 and k["x"] == pytest.approx(2 ** (0.15 / 0.4))
+    assert k["halfwidth"] == pytest.approx(0.02 + 0.375 * 0.02)
+
+
+def test_grouped_cv_picks_the_generating_family_with_the_fewest_constants():
+    rng = np.random.default_rng(9)
+    folds = []
+    for _ in range(4):
+        x = np.geomspace(0.3, 20, 10)
+        se = np.full(10, 0.02)
+        r = echo.CURVE_FAMILIES["hill"].fn(x, 2.0) + 0.02 * rng.normal(size=10)
+        folds.append([{"bins": {"x": x.tolist(), "ratio": r.tolist(), "se": se.tolist()}, "shape": [40, 80],
+                       "n_atom": 4}])
+    cv = spectral_probe.grouped_cv(folds)
+    assert cv["choice"] == "hill"
+    assert cv["families"]["gavish_donoho"]["score"] > 5 * cv["families"]["hill"]["score"]
+
+
+def small_mlp_and_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 12))
+    W = torch.randn(12, 24) / 4
+
+    def batches():
+        gen = torch.Generator().manual_seed(1)
+        while True:
+            x = torch.randn(32, 24, generator=gen)
+            yield x, x @ W.T + 0.5 * torch.randn(32, 12, generator=gen)
+    return model, batches, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+
+def test_probe_model_on_a_small_mlp_writes_every_diagnostic(tmp_path):
+    model, batches, loss_fn = small_mlp_and_batches()
+    # the replicates are the per-batch gradients
+    params = spectral_probe.hidden_matrices(model)
+    assert list(params) == ["0.weight", "2.weight"]
+    some = [b for _, b in zip(range(3), batches())]
+    reps, _ = spectral_probe.collect_replicates(model, some, params, loss_fn)
+    model.zero_grad()
+    loss_fn(model, some[2]).backward()
+    torch.testing.assert_close(reps["2.weight"][2], model[2].weight.grad.double())
+    model.zero_grad()
+
+    records = []
+    for step in (0, 10):
+        if step:
+            with torch.no_grad():  # move the model so the two steps differ
+                model[0].weight.add_(0.05 * torch.randn_like(model[0].weight))
+        records += spectral_probe.probe_model(model, batches(), 6, loss_fn, tokens_per_replicate=32, step=step,
+                                              lr=0.05, n_boot=30)
+    mats = [r for r in records if r["kind"] == "matrix"]
+    assert [r["name"] for r in mats] == ["0.weight", "2.weight"] * 2
+    for r in mats:
+        for key in ("d0", "a", "b", "c", "d", "g", "bins", "atoms"):
+            assert key in r, key
+        assert set(r["b"]["fits"]) >= {"gavish_donoho", "hill", "soft_sign", "isotonic"}
+    # D0 of the first matrix equals the estimator on the same replicates
+    reps, _ = spectral_probe.collect_replicates(model, [b for _, b in zip(range(6), batches())],
+                                                spectral_probe.hidden_matrices(model), loss_fn)
+    d0 = echo.noise_scales(reps["0.weight"], 32)
+    assert mats[2]["d0"]["grad_sq"] == pytest.approx(d0["grad_sq"], rel=1e-4)
+    model_recs = [r for r in records if r["kind"] == "model"]
+    assert set(model_recs[0]["lookahead"]["delta"]) == {"msign", "fit_soft_sign", "fit_hill_floor", "rank_above_edge"}
+
+    text = spectral_probe.write_outputs(str(tmp_path), records, {"K": 6, "tokens_per_step": 64,
+                                                                 "tokens_per_replicate": 32})
+    for phrase in ("Enough replicates", "monotone", "O(1) constants", "stable over training", "aligned"):
+        assert phrase in text
+    assert (tmp_path / "echo_step0.png").exists() and (tmp_path / "constants.png").exists()
+
+
+def test_probe_model_rejects_too_few_replicates_and_short_data():
+    model, batches, loss_fn = small_mlp_and_batches()
+    with pytest.raises(ValueError, match="K >= 4"):
+        spectral_probe.probe_model(model, batches(), 3, loss_fn)
+    with pytest.raises(ValueError, match="ran out"):
+        spectral_probe.probe_model(model, [next(batches())] * 2, 6, loss_fn)

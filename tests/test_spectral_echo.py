@@ -228,6 +228,17 @@ def test_fit_from_micro_batch_replicates_matches_a_direct_computation():
     assert float(opt.state[p]["echo_c_rel"]) == pytest.approx(expected["c_rel"], rel=1e-6)
 
 
+def test_echo_report_uses_param_names():
+    params = make_params()
+    names = [f"m{i}" for i in range(len(params))]
+    opt = SpectralEcho(params, lr=0.02, fit_every=2, n_bins=12, bin_min=1e-2, param_names=names)
+    feed(opt, params, 0)
+    opt.step()
+    assert sorted(e["param"] for e in opt.echo_report()) == names
+    with pytest.raises(ValueError, match="param_names"):
+        SpectralEcho(params, param_names=names[:2])
+
+
 def test_replicate_groups_and_recording_only_on_fit_steps():
     assert replicate_group_sizes(8) == (4, 2, 2)
     assert replicate_group_sizes(4) == (2, 1, 1)
