@@ -283,7 +283,7 @@ def test_cpu_demo_learns_far_below_unigram(tmp_path, demo_shards):
     from data.shards import unigram_cross_entropy
 
     train_files, val_files = demo_shards
-    run_train_gpt(["--preset", "cpu-tiny", "--num-iterations", "60", "--val-loss-every", "0",
+    run_train_gpt(["--preset", "cpu-tiny", "--num-iterations", "60", "--val-loss-every", "60",
                    "--train-files", train_files, "--val-files", val_files, "--run-id", "demo",
                    "--log-dir", str(tmp_path)], timeout=600)
     val, _ = read_losses(tmp_path / "demo.txt")
