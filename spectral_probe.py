@@ -460,8 +460,9 @@ def grouped_cv(folds: list[list[dict]]) -> dict:
             if errs:
                 scores.append(float(np.mean(np.concatenate(errs))))
         if scores:
-            out[fam] = {"score": float(np.mean(scores)), "se": float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
-                        if len(scores) > 1 else float("nan"), "n_params": float(np.mean(n_params)), "folds": len(scores)}
+            se = float(np.std(scores, ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else float("nan")
+            out[fam] = {"score": float(np.mean(scores)), "se": se, "n_params": float(np.mean(n_params)),
+                        "folds": len(scores)}
     if not out:
         return {"families": {}, "choice": None}
     best = min(out, key=lambda f: out[f]["score"])
@@ -616,7 +617,8 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
                  "diagnostic": "(b) best family (AIC): reduced chi^2 <= 2 and residual autocorrelation <= 0.3",
                  "numbers": f"good fits in {100 * good:.0f}% of matrices; median reduced chi^2 {_med(rchi):.2g}, "
                             f"median autocorrelation {_med(ac):.2g}; best families {counts}; R^2 bulk/knee/top "
-                            + "/".join(f"{_med([r['b']['r2_regions'][k] for r in mats]):.2f}" for k in ("bulk", "knee", "top")),
+                            + "/".join(f"{_med([r['b']['r2_regions'][k] for r in mats]):.2f}"
+                                       for k in ("bulk", "knee", "top")),
                  "verdict": v})
     # (c)
     it = _med([r["c"]["identifiable_top"] for r in mats])
@@ -628,7 +630,8 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
                  "diagnostic": "(c) cross-half best overlap > 0.5 with margin > 0.25; jackknife gaps",
                  "numbers": f"identifiable: {100 * it:.0f}% of the top-10 atoms, {100 * ia:.0f}% of all (medians); "
                             f"first unidentifiable atom at index {first_bad:.0f} (median); {deg:.0f} of the top 10 in "
-                            "degenerate clusters (median). The cross-projection ratio-of-sums estimator needs no alignment.",
+                            "degenerate clusters (median). The cross-projection ratio-of-sums estimator needs "
+                            "no alignment.",
                  "verdict": v + " (top atoms only; irrelevant to cross-projection)"})
     # (d) the amplitude echo a(s) is primary (the seed's "echo"); the ratio a/s is reported beside it
     rev = [r["d"]["reversals"] for r in mats]
@@ -644,8 +647,9 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
                                "adjacent bins; top-bin dip; the same for the ratio echo / s",
                  "numbers": f"amplitude: {n_rev} of {len(mats)} matrix-steps with a significant reversal (max z "
                             f"{max_z:.2g}), {dips} top-bin dips, weighted Spearman median "
-                            f"{_med([r['d']['spearman'] for r in mats]):.2f}; ratio: {n_rev_ratio} of {len(mats)} with a "
-                            f"significant reversal (Spearman median {_med([r['d']['ratio']['spearman'] for r in mats]):.2f})",
+                            f"{_med([r['d']['spearman'] for r in mats]):.2f}; ratio: {n_rev_ratio} of {len(mats)} "
+                            "with a significant reversal (Spearman median "
+                            f"{_med([r['d']['ratio']['spearman'] for r in mats]):.2f})",
                  "verdict": v})
     # (e)
     choices = [cv.get("choice") for cv in across["cv_layers"].values()]
@@ -692,7 +696,8 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     look_text = ""
     if look:
         rules = look[0]["delta"].keys()
-        look_text = "; held-out look-ahead loss change at eta = lr (per step " + ", ".join(str(m["step"]) for m in models if "lookahead" in m) + "): " + \
+        steps_text = ", ".join(str(m["step"]) for m in models if "lookahead" in m)
+        look_text = f"; held-out look-ahead loss change at eta = lr (per step {steps_text}): " + \
             ", ".join(f"{rule} " + "/".join(f"{lk['delta'][rule]['1']:+.4f}" for lk in look) for rule in rules)
     rows.append({"assumption": "Shrinking by the echo helps (utility)",
                  "diagnostic": "(g) first-order gain relative to msign; held-out look-ahead loss",
@@ -721,7 +726,8 @@ def write_summary(out_dir: str, records: list[dict], meta: dict) -> str:
         top = max(set(fams), key=fams.count)
         lines.append(f"| {s} | {len(rs)} | {_med([r['d0']['b_simple'] for r in rs]):.3g} | "
                      f"{_med([r['d0']['snr_replicate'] for r in rs]):.3g} | "
-                     f"{_med([r['d0']['anisotropy_top10'] for r in rs]):.3g} | {_med([r['a']['knee_x'] for r in rs]):.3g} | "
+                     f"{_med([r['d0']['anisotropy_top10'] for r in rs]):.3g} | "
+                     f"{_med([r['a']['knee_x'] for r in rs]):.3g} | "
                      f"{_med([r['a']['knee_halfwidth'] for r in rs]):.3f} | {top} ({fams.count(top)}/{len(fams)}) | "
                      f"{sum(r['d']['reversals'] for r in rs)} | {_med([r['c']['identifiable_top'] for r in rs]):.2f} | "
                      f"{_med([r['g']['below_edge_share'] for r in rs]):.2f} |")
@@ -856,10 +862,12 @@ def load_checkpoint(path: str, device: str = "cpu"):
 
 def gpt_hidden_matrices(model) -> dict[str, torch.nn.Parameter]:
     """The matrices train_gpt gives to the matrix optimizer: block parameters with >= 2 dims."""
-    return {f"blocks.{i}.{n}": p for i, block in enumerate(model.blocks) for n, p in block.named_parameters() if p.ndim >= 2}
+    return {f"blocks.{i}.{n}": p for i, block in enumerate(model.blocks)
+            for n, p in block.named_parameters() if p.ndim >= 2}
 
 
-def probe_checkpoint(path: str, K: int, n_boot: int, seed: int, train_files: str | None = None) -> tuple[list[dict], dict]:
+def probe_checkpoint(path: str, K: int, n_boot: int, seed: int,
+                     train_files: str | None = None) -> tuple[list[dict], dict]:
     """Probe one checkpoint: K micro-batches from where its loader stopped (rank 0's stream)."""
     import train_gpt
     from data.shards import DistributedTokenLoader

@@ -119,7 +119,8 @@ def main(argv=None) -> dict:
     results["amortised_overhead_rel"] = results["amortised_overhead_ms"] / results["muon_ms"]
     report = {"preset": preset, "shapes": [[c, list(s)] for c, s in PRESET_SHAPES[preset]],
               "replicates": args.replicates, "fit_every": args.fit_every, "c_rel": args.c_rel, "reps": reps,
-              **results, "env": device_info(device)}
+              **results, "env": device_info(device),
+              "load_average_1min": os.getloadavg()[0]}  # CPU timings on a shared machine: note how busy it was
     for key, value in results.items():
         print(f"{key:>24}: {value:10.3f}")
     name = report["env"].get("device", device.type).replace(" ", "_").replace("/", "_") or device.type

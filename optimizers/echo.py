@@ -21,6 +21,7 @@ Everything runs in float64 on the input's device; inputs of any float dtype are 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -56,7 +57,8 @@ def check_replicates(replicates: torch.Tensor, min_count: int = 2) -> torch.Tens
     return replicates.to(torch.float64)
 
 
-def random_splits(K: int, n_splits: int, n_probe: int | None = None, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+def random_splits(K: int, n_splits: int, n_probe: int | None = None,
+                  seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """n_splits random disjoint (atom indices, probe indices) pairs over K replicates.
 
     n_probe defaults to K // 2; the atom half gets the remaining K - n_probe replicates.
@@ -103,7 +105,8 @@ def _atom_matrix(atom_mean: torch.Tensor, momentum_buffer: torch.Tensor | None, 
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if momentum_buffer.shape != atom_mean.shape:
-        raise ValueError(f"momentum_buffer shape {tuple(momentum_buffer.shape)} != matrix shape {tuple(atom_mean.shape)}")
+        raise ValueError(f"momentum_buffer shape {tuple(momentum_buffer.shape)} != matrix shape "
+                         f"{tuple(atom_mean.shape)}")
     return momentum * momentum_buffer.to(atom_mean) + (1.0 - momentum) * atom_mean
 
 
@@ -402,7 +405,8 @@ def bootstrap_binned_ratio(
     Needs >= 2 probes per split (not leave-one-out).
     """
     if estimate.n_probe < 2:
-        raise ValueError("bootstrap over probes needs >= 2 probe replicates per split; use half splits, not leave-one-out")
+        raise ValueError("bootstrap over probes needs >= 2 probe replicates per split; use half splits, "
+                         "not leave-one-out")
     gen = np.random.default_rng(seed)
     edges = np.asarray(edges, dtype=np.float64)
     n_bins = len(edges) - 1
@@ -425,7 +429,9 @@ def bootstrap_binned_ratio(
     for b in range(n_boot):
         draws[b] = ratio_of([pv[gen.integers(0, pv.shape[0], pv.shape[0])].mean(0) for pv in pvs])
     alpha = (1 - level) / 2
-    lower, upper = np.nanquantile(draws, alpha, axis=0), np.nanquantile(draws, 1 - alpha, axis=0)
+    with warnings.catch_warnings():  # bins without atoms are NaN in every draw: NaN bounds, no warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lower, upper = np.nanquantile(draws, alpha, axis=0), np.nanquantile(draws, 1 - alpha, axis=0)
     return point, lower, upper
 
 
@@ -460,7 +466,7 @@ def gavish_donoho_echo(s, sigma: float, shape: tuple[int, int], n_avg: int = 1) 
     M, N = shape
     beta = min(M, N) / max(M, N)
     scale = sigma / math.sqrt(n_avg) * math.sqrt(max(M, N))
-    s = np.asarray(torch.as_tensor(s, dtype=torch.float64).cpu()) if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
+    s = s.double().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
     return scale * gavish_donoho_eta(s / scale, beta)
 
 
@@ -589,7 +595,9 @@ def fit_curve(
     if family == "gavish_donoho":
         if sigma is None or shape is None:
             raise ValueError("the gavish_donoho family needs sigma (per-replicate noise std) and shape=(M, N)")
-        predict = lambda x: gavish_donoho_echo(np.asarray(x, dtype=np.float64), sigma, shape, n_avg) / np.asarray(x, dtype=np.float64)
+        def predict(x):
+            x = np.asarray(x, dtype=np.float64)
+            return gavish_donoho_echo(x, sigma, shape, n_avg) / x
         return _fit_stats(family, {"sigma": float(sigma)}, 0, predict, s, r, se)
     if family == "isotonic":
         order = np.argsort(s)

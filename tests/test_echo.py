@@ -359,3 +359,33 @@ def test_probe_model_rejects_too_few_replicates_and_short_data():
         spectral_probe.probe_model(model, batches(), 3, loss_fn)
     with pytest.raises(ValueError, match="ran out"):
         spectral_probe.probe_model(model, [next(batches())] * 2, 6, loss_fn)
+
+
+def test_probe_on_a_tiny_train_gpt_model_measures_the_matrices_the_optimizer_updates():
+    import train_gpt
+
+    cfg = train_gpt.parse_config(["--preset", "cpu-tiny", "--vocab-size", "96", "--model-dim", "32",
+                                  "--num-heads", "2", "--head-dim", "16", "--num-layers", "2", "--skip-connections", "",
+                                  "--long-window-layers", "0", "--no-zero-init-proj", "--num-value-embeds", "0",
+                                  "--optimizer", "spectral_echo"])
+    torch.manual_seed(0)
+    model = train_gpt.GPT(cfg)
+    matrix_opt = train_gpt.build_optimizers(model, cfg)[1]
+    params = spectral_probe.gpt_hidden_matrices(model)
+    assert sorted(params) == sorted(matrix_opt._names.values())  # the same matrices, by the same names
+    gen = torch.Generator().manual_seed(1)
+
+    def batches():
+        while True:
+            x = torch.randint(0, 96, (2, 33), generator=gen)
+            yield x[:, :-1], x[:, 1:]
+
+    def loss_fn(m, batch):
+        return m(batch[0], batch[1], train_gpt.model_masks(m, batch[0], 32, False))
+
+    records = spectral_probe.probe_model(model, batches(), 4, loss_fn, params, tokens_per_replicate=64, step=3,
+                                         n_boot=20)
+    mats = [r for r in records if r["kind"] == "matrix"]
+    expected = sum(p.shape[0] if p.ndim == 3 else 1 for p in params.values())
+    assert len(mats) == expected and all("d0" in r for r in mats)
+    assert any(r["name"].endswith("qkvo_w[3]") for r in mats)
