@@ -99,7 +99,7 @@ PROTOCOLS: dict[str, Protocol] = {
                    val_seq_len=128, val_tokens=512, skip_connections="0:1", long_window_layers="0",
                    num_value_embeds=1, max_window_tokens=64, window_block=16, momentum_warmup_steps=2),
         lr_grids={"adamw": [3e-3], "muon": [0.02, 0.04]},
-        seeds=(0, 1), target=10.5, env={"OMP_NUM_THREADS": "1"}, max_parallel=2, diagnostics_every=2,
+        seeds=(0, 1), target=10.5, env={"OMP_NUM_THREADS": "1"}, max_parallel=3, diagnostics_every=2,
         echo_fit_every=2, contenders=("muon", "ord_par1.0"), timing_steps=2, timing_warmup=1,
     ),
 }
@@ -299,6 +299,113 @@ def collect_results(protocol: Protocol, contenders: list[Contender], chosen_lr: 
     return results
 
 
+DIAGNOSTIC_KEYS = ("rho", "spectral_frac", "term_ratio", "cos_polar_w")
+
+
+def matrix_kind(record: dict) -> str:
+    """attn_q/k/v/o (slices of the merged (4, d, d) weight, or separate weights), mlp_fc, mlp_proj, or the name."""
+    name = record.get("name", "")
+    if "qkvo" in name and "slice" in record:
+        return "attn_" + "qkvo"[record["slice"]]
+    for part, kind in (("q_w", "attn_q"), ("k_w", "attn_k"), ("v_w", "attn_v"), ("o_w", "attn_o"),
+                       ("fc_w", "mlp_fc"), ("proj_w", "mlp_proj")):
+        if name.endswith(part):
+            return kind
+    return name
+
+
+def _quantiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def q(frac: float) -> float:
+        return ordered[min(len(ordered) - 1, int(frac * (len(ordered) - 1) + 0.5))]
+
+    return {"median": q(0.5), "p10": q(0.1), "p90": q(0.9), "min": ordered[0], "max": ordered[-1],
+            "n": len(ordered)}
+
+
+def diagnostics_summary(log_dir: str, tags: list[str], optimizer: str = "spectral_ord") -> dict:
+    """Pool the per-matrix diagnostics of runs (`<log_dir>/<tag>.<optimizer>.jsonl`, written by train_gpt.py).
+
+    Returns {"by_step": {step: {key: quantiles over matrices and runs}}, "by_kind": {kind: {key: quantiles over
+    steps >= the first diagnostic after step 0}}, "files": n}. Keys: rho, spectral_frac, term_ratio,
+    cos_polar_w. Matrices with W = 0 at a step (zero-initialised projections at step 0) are left out there.
+    """
+    by_step: dict[int, dict[str, list]] = {}
+    by_kind: dict[str, dict[str, list]] = {}
+    files = 0
+    for tag in tags:
+        path = os.path.join(log_dir, f"{tag}.{optimizer}.jsonl")
+        if not os.path.exists(path):
+            continue
+        files += 1
+        with open(path) as f:
+            for line in f:
+                entry = json.loads(line)
+                for record in entry["matrices"]:
+                    if not record.get("w_norm"):
+                        continue
+                    for key in DIAGNOSTIC_KEYS:
+                        value = record.get(key)
+                        if value is None:
+                            continue
+                        by_step.setdefault(entry["step"], {}).setdefault(key, []).append(value)
+                        if entry["step"] > 0:
+                            by_kind.setdefault(matrix_kind(record), {}).setdefault(key, []).append(value)
+    return {"files": files,
+            "by_step": {step: {k: _quantiles(v) for k, v in keys.items()} for step, keys in sorted(by_step.items())},
+            "by_kind": {kind: {k: _quantiles(v) for k, v in keys.items()} for kind, keys in sorted(by_kind.items())}}
+
+
+def diagnostics_table(summary: dict, by: str = "by_step") -> str:
+    """Markdown: median [p10, p90] of each diagnostic per step (or per matrix kind)."""
+    head = "step" if by == "by_step" else "matrix"
+    lines = [f"| {head} | " + " | ".join(f"{k} median [p10, p90]" for k in DIAGNOSTIC_KEYS) + " |",
+             "|" + "---|" * (len(DIAGNOSTIC_KEYS) + 1)]
+    for row, keys in summary[by].items():
+        cells = []
+        for key in DIAGNOSTIC_KEYS:
+            q = keys.get(key)
+            cells.append(f"{q['median']:.3g} [{q['p10']:.3g}, {q['p90']:.3g}]" if q else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_diagnostics(diagnostics: dict, out: str) -> str:
+    """One panel per diagnostic: median over matrices and runs vs step, p10-p90 band, one line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DIAGNOSTIC_KEYS), figsize=(4.5 * len(DIAGNOSTIC_KEYS), 3.8),
+                             constrained_layout=True)
+    for i, (name, summary) in enumerate(diagnostics.items()):
+        steps = [int(s) for s in summary["by_step"]]
+        for ax, key in zip(axes, DIAGNOSTIC_KEYS):
+            rows = [summary["by_step"][s].get(key) for s in summary["by_step"]]
+            keep = [(x, q) for x, q in zip(steps, rows) if q]
+            if not keep:
+                continue
+            x = [k for k, _ in keep]
+            ax.plot(x, [q["median"] for _, q in keep], color=f"C{i % 10}", marker=".", label=name)
+            ax.fill_between(x, [q["p10"] for _, q in keep], [q["p90"] for _, q in keep], color=f"C{i % 10}",
+                            alpha=0.15, lw=0)
+    for ax, key in zip(axes, DIAGNOSTIC_KEYS):
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if key in ("spectral_frac", "term_ratio"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("spectral-ORD diagnostics: median over matrices and seeds, p10-p90 band")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- timing
 
 
@@ -466,15 +573,15 @@ def timing_table(timing: dict) -> str:
 
 def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, target_source: str,
                  results: dict, tuning: dict, chosen: dict, timing: dict | None, commands: list[str],
-                 log_dir: str) -> dict:
+                 log_dir: str, diagnostics: dict | None = None) -> dict:
     """results.json, README.md and loss.png in out_dir. Returns the JSON document."""
     import plot_loss
     import runlog
 
     doc = {
         "protocol": {**asdict(protocol), "flags": flags}, "target": target, "target_source": target_source,
-        "chosen_lr": chosen, "tuning": tuning, "results": results, "timing": timing, "commands": commands,
-        "log_dir": log_dir,
+        "chosen_lr": chosen, "tuning": tuning, "results": results, "timing": timing,
+        "diagnostics": diagnostics or {}, "commands": commands, "log_dir": log_dir,
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -498,6 +605,12 @@ def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, t
             "## Learning-rate tuning", "", tuning_table(tuning, chosen), ""]
     if timing:
         text += ["## Optimizer step time", "", timing_table(timing), ""]
+    if diagnostics and any(summary["by_step"] for summary in diagnostics.values()):
+        plot_diagnostics(diagnostics, os.path.join(out_dir, "ord_diagnostics.png"))
+        text += ["![spectral-ORD diagnostics](ord_diagnostics.png)", ""]
+    for name, summary in (diagnostics or {}).items():
+        text += [f"## Spectral-ORD diagnostics: `{name}` ({summary['files']} runs pooled, all matrices)", "",
+                 diagnostics_table(summary, "by_step"), "", diagnostics_table(summary, "by_kind"), ""]
     text += ["## Commands", "", "```", *commands, "```", "", "![loss](loss.png)", ""]
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write("\n".join(text))
@@ -560,9 +673,15 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.abspath(args.log_dir or os.path.join("logs", f"optimizer_race_{protocol.name}"))
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
-    this = "python bench/optimizer_race.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     sweep_flags = ["--cpu"] if protocol.cpu else []
     sweep_flags += ["--max-parallel", str(protocol.max_parallel), "--log-dir", log_dir]
+    shown_log_dir = os.path.relpath(log_dir, REPO) if log_dir.startswith(REPO + os.sep) else log_dir
+    repro = ["python", "bench/optimizer_race.py", "--protocol", protocol.name, "--out", os.path.relpath(out_dir, REPO)]
+    for name, value in (("--contenders", args.contenders), ("--max-parallel", args.max_parallel),
+                        ("--log-dir", args.log_dir and shown_log_dir)):
+        if value:
+            repro += [name, str(value)]
+    repro += ["--tune-all"] * args.tune_all + [f"--flag={item}" for item in args.flag]
 
     def launch(spec: dict, file_name: str) -> int:
         path = os.path.join(out_dir, file_name)
@@ -599,9 +718,15 @@ def main(argv: list[str] | None = None) -> int:
     if "report" in stages:
         target, source = resolve_target(protocol, flags)
         results = collect_results(protocol, contenders, chosen, log_dir, target)
-        commands = [this] + [f"python launch_sweep.py {os.path.relpath(os.path.join(out_dir, n), REPO)} "
-                             + shlex.join(sweep_flags) for n in ("tune.json", "final.json")]
-        write_report(out_dir, protocol, flags, target, source, results, tuning, chosen, timing, commands, log_dir)
+        shown_sweep_flags = [shown_log_dir if f == log_dir else f for f in sweep_flags]
+        commands = ["# the whole race (each stage skips finished runs):", shlex.join(repro),
+                    "# which runs these sweeps (from the repository root) and then times and reports:"]
+        commands += [shlex.join(["python", "launch_sweep.py", os.path.relpath(os.path.join(out_dir, n), REPO),
+                                 *shown_sweep_flags]) for n in ("tune.json", "final.json")]
+        diagnostics = {c.name: diagnostics_summary(log_dir, [r["tag"] for r in results[c.name]["runs"]], c.optimizer)
+                       for c in contenders if c.args.get("diagnostics_every")}
+        write_report(out_dir, protocol, flags, target, source, results, tuning, chosen, timing, commands, log_dir,
+                     diagnostics)
         print(open(os.path.join(out_dir, "README.md")).read())
     return 0
 
