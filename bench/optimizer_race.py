@@ -191,6 +191,21 @@ def final_loss(log_dir: str, tag: str) -> float | None:
     return log.final_val.loss if log.finished else None
 
 
+def tuning_curves(protocol: Protocol, contenders: list[Contender], log_dir: str) -> dict:
+    """{tag: [[step, val loss, train ms], ...]} of every tuning run that has a log."""
+    import runlog
+
+    curves = {}
+    for c in contenders:
+        if c.lr_from is not None:
+            continue
+        for lr in protocol.lr_grids[c.grid]:
+            path = runlog.log_path(log_dir, run_tag(c.name, lr, protocol.tune_seed))
+            if os.path.exists(path):
+                curves[os.path.basename(path)[:-4]] = [list(p) for p in runlog.parse_log(path).val]
+    return curves
+
+
 def choose_lrs(protocol: Protocol, contenders: list[Contender], log_dir: str) -> tuple[dict, dict]:
     """(chosen lr per contender, tuning table {contender: {lr text: final loss or None}}).
 
@@ -299,7 +314,8 @@ def collect_results(protocol: Protocol, contenders: list[Contender], chosen_lr: 
     return results
 
 
-DIAGNOSTIC_KEYS = ("rho", "spectral_frac", "term_ratio", "cos_polar_w")
+DIAGNOSTIC_KEYS = ("rho", "spectral_frac", "term_ratio", "cos_polar_w", "w_norm")
+LOG_KEYS = ("spectral_frac", "term_ratio", "w_norm")  # positive quantities spanning decades: log axes
 
 
 def matrix_kind(record: dict) -> str:
@@ -330,8 +346,9 @@ def diagnostics_summary(log_dir: str, tags: list[str], optimizer: str = "spectra
     """Pool the per-matrix diagnostics of runs (`<log_dir>/<tag>.<optimizer>.jsonl`, written by train_gpt.py).
 
     Returns {"by_step": {step: {key: quantiles over matrices and runs}}, "by_kind": {kind: {key: quantiles over
-    steps >= the first diagnostic after step 0}}, "files": n}. Keys: rho, spectral_frac, term_ratio,
-    cos_polar_w. Matrices with W = 0 at a step (zero-initialised projections at step 0) are left out there.
+    steps >= the first diagnostic after step 0}}, "files": n}. Keys: DIAGNOSTIC_KEYS. Records with W = 0 or
+    G = 0 are left out (their ratios are 0 by convention, not measured): zero-initialised projections at step 0,
+    and every matrix at step 0 when the head starts at zero (no gradient reaches the hidden weights).
     """
     by_step: dict[int, dict[str, list]] = {}
     by_kind: dict[str, dict[str, list]] = {}
@@ -345,7 +362,7 @@ def diagnostics_summary(log_dir: str, tags: list[str], optimizer: str = "spectra
             for line in f:
                 entry = json.loads(line)
                 for record in entry["matrices"]:
-                    if not record.get("w_norm"):
+                    if not record.get("w_norm") or not record.get("g_norm"):
                         continue
                     for key in DIAGNOSTIC_KEYS:
                         value = record.get(key)
@@ -386,7 +403,7 @@ def plot_diagnostics(diagnostics: dict, out: str) -> str:
         steps = [int(s) for s in summary["by_step"]]
         for ax, key in zip(axes, DIAGNOSTIC_KEYS):
             rows = [summary["by_step"][s].get(key) for s in summary["by_step"]]
-            keep = [(x, q) for x, q in zip(steps, rows) if q]
+            keep = [(x, q) for x, q in zip(steps, rows) if q and (key not in LOG_KEYS or q["p10"] > 0)]
             if not keep:
                 continue
             x = [k for k, _ in keep]
@@ -397,8 +414,10 @@ def plot_diagnostics(diagnostics: dict, out: str) -> str:
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-        if key in ("spectral_frac", "term_ratio"):
+        if key in LOG_KEYS:
             ax.set_yscale("log")
+        elif key == "rho":  # signed, spanning decades
+            ax.set_yscale("symlog", linthresh=1e-4)
     axes[0].legend(fontsize=8)
     fig.suptitle("spectral-ORD diagnostics: median over matrices and seeds, p10-p90 band")
     fig.savefig(out, dpi=110)
@@ -573,15 +592,17 @@ def timing_table(timing: dict) -> str:
 
 def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, target_source: str,
                  results: dict, tuning: dict, chosen: dict, timing: dict | None, commands: list[str],
-                 log_dir: str, diagnostics: dict | None = None) -> dict:
-    """results.json, README.md and loss.png in out_dir. Returns the JSON document."""
+                 log_dir: str, diagnostics: dict | None = None, curves: dict | None = None) -> dict:
+    """results.json, README.md and loss.png in out_dir (plus ord_diagnostics.png with diagnostics).
+    A hand-written `notes.md` in out_dir, if present, is included in README.md (it survives regeneration).
+    Returns the JSON document."""
     import plot_loss
     import runlog
 
     doc = {
         "protocol": {**asdict(protocol), "flags": flags}, "target": target, "target_source": target_source,
         "chosen_lr": chosen, "tuning": tuning, "results": results, "timing": timing,
-        "diagnostics": diagnostics or {}, "commands": commands, "log_dir": log_dir,
+        "diagnostics": diagnostics or {}, "tuning_curves": curves or {}, "commands": commands, "log_dir": log_dir,
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -595,8 +616,12 @@ def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, t
                             title=f"optimizer race, protocol {protocol.name}: mean ± 1 std over seeds")
     text = [f"# Optimizer race, protocol `{protocol.name}`", "",
             f"{protocol.description}. Seeds {list(protocol.seeds)}; lr tuned on seed {protocol.tune_seed}.",
-            f"Target val loss {target:g}: {target_source}.", "",
-            "## Results (final val loss at the chosen lr)", "", results_table(results, timing, target), "",
+            f"Target val loss {target:g}: {target_source}.", ""]
+    notes = os.path.join(out_dir, "notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            text += [f.read().rstrip("\n"), ""]
+    text += ["## Results (final val loss at the chosen lr)", "", results_table(results, timing, target), "",
             "`*`: lr taken from Muon's tuning (controlled comparison), not tuned for this contender. "
             "Welch p: two-sided, scipy.stats.ttest_ind(equal_var=False) of the final val losses against Muon's. "
             "Steps / train s to target: mean over the seeds that reached it, at the first validation at or "
@@ -624,7 +649,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
     parser.add_argument("--out", required=True, help="directory for specs, README.md, results.json, loss.png")
-    parser.add_argument("--log-dir", default=None, help="run logs (default logs/optimizer_race_<protocol>)")
+    parser.add_argument("--log-dir", default=None,
+                        help="run logs (default: logs/optimizer_race_<protocol> in the repository)")
     parser.add_argument("--stage", choices=("all", "tune", "final", "timing", "report"), default="all",
                         help="all: tune, final, timing, report (finished runs are never rerun)")
     parser.add_argument("--contenders", default=None,
@@ -670,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     flags = {**protocol.flags, **overrides}
-    log_dir = os.path.abspath(args.log_dir or os.path.join("logs", f"optimizer_race_{protocol.name}"))
+    log_dir = os.path.abspath(args.log_dir or os.path.join(REPO, "logs", f"optimizer_race_{protocol.name}"))
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     sweep_flags = ["--cpu"] if protocol.cpu else []
@@ -694,13 +720,13 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = ("tune", "final", "timing", "report") if args.stage == "all" else (args.stage,)
     if "tune" in stages:
-        if launch(tune_spec(protocol, contenders, flags, log_dir), "tune.json") not in (0, 1):
+        if launch(tune_spec(protocol, contenders, flags, shown_log_dir), "tune.json") not in (0, 1):
             return 2
         if args.dry_run:
             return 0
     chosen, tuning = choose_lrs(protocol, contenders, log_dir)
     if "final" in stages:
-        launch(final_spec(protocol, contenders, chosen, flags, log_dir), "final.json")
+        launch(final_spec(protocol, contenders, chosen, flags, shown_log_dir), "final.json")
         if args.dry_run:
             return 0
     timing_path = os.path.join(out_dir, "timing.json")
@@ -726,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         diagnostics = {c.name: diagnostics_summary(log_dir, [r["tag"] for r in results[c.name]["runs"]], c.optimizer)
                        for c in contenders if c.args.get("diagnostics_every")}
         write_report(out_dir, protocol, flags, target, source, results, tuning, chosen, timing, commands, log_dir,
-                     diagnostics)
+                     diagnostics, tuning_curves(protocol, contenders, log_dir))
         print(open(os.path.join(out_dir, "README.md")).read())
     return 0
 

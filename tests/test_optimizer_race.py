@@ -73,19 +73,21 @@ def test_statistics_match_hand_computations():
 
 def test_diagnostics_summary_pools_runs_and_skips_zero_weights(tmp_path):
     lines = {"a-s0": [{"step": 0, "matrices": [
-        {"name": "blocks.0.attn.qkvo_w", "slice": 0, "w_norm": 1.0, "rho": 0.1, "spectral_frac": 0.2,
-         "term_ratio": 0.01, "cos_polar_w": -0.5},
-        {"name": "blocks.0.attn.qkvo_w", "slice": 3, "w_norm": 0.0, "rho": 0.0, "spectral_frac": 0.0,
-         "term_ratio": 0.0, "cos_polar_w": 0.0}]},
-        {"step": 10, "matrices": [{"name": "blocks.0.mlp.fc_w", "w_norm": 2.0, "rho": 0.3, "spectral_frac": 0.4,
-                                   "term_ratio": 0.02, "cos_polar_w": -0.1}]}],
-        "a-s1": [{"step": 10, "matrices": [{"name": "blocks.0.mlp.fc_w", "w_norm": 2.0, "rho": 0.5,
+        {"name": "blocks.0.attn.qkvo_w", "slice": 0, "w_norm": 1.0, "g_norm": 1.0, "rho": 0.1,
+         "spectral_frac": 0.2, "term_ratio": 0.01, "cos_polar_w": -0.5},
+        {"name": "blocks.0.attn.qkvo_w", "slice": 3, "w_norm": 0.0, "g_norm": 1.0, "rho": 0.0,
+         "spectral_frac": 0.0, "term_ratio": 0.0, "cos_polar_w": 0.0},
+        {"name": "blocks.0.attn.qkvo_w", "slice": 1, "w_norm": 1.0, "g_norm": 0.0, "rho": 0.0,
+         "spectral_frac": 0.0, "term_ratio": 0.0, "cos_polar_w": 0.0}]},
+        {"step": 10, "matrices": [{"name": "blocks.0.mlp.fc_w", "w_norm": 2.0, "g_norm": 1.0, "rho": 0.3,
+                                   "spectral_frac": 0.4, "term_ratio": 0.02, "cos_polar_w": -0.1}]}],
+        "a-s1": [{"step": 10, "matrices": [{"name": "blocks.0.mlp.fc_w", "w_norm": 2.0, "g_norm": 1.0, "rho": 0.5,
                                             "spectral_frac": 0.6, "term_ratio": 0.04, "cos_polar_w": -0.3}]}]}
     for tag, entries in lines.items():
         (tmp_path / f"{tag}.spectral_ord.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     summary = race.diagnostics_summary(str(tmp_path), ["a-s0", "a-s1", "missing-s2"])
     assert summary["files"] == 2
-    assert summary["by_step"][0]["rho"]["n"] == 1  # the zero weight (w_norm 0) is left out
+    assert summary["by_step"][0]["rho"]["n"] == 1  # the zero weight and the zero gradient are left out
     assert summary["by_step"][10]["cos_polar_w"]["min"] == -0.3 and summary["by_step"][10]["rho"]["max"] == 0.5
     assert set(summary["by_kind"]) == {"mlp_fc"}  # step 0 is not in the per-kind pool
     assert "| 10 |" in race.diagnostics_table(summary)
