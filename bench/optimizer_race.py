@@ -12,8 +12,8 @@ grid per optimizer family, the seeds and a target val loss. Stages, each resumab
              lr, all seeds. The tag of a run is `<contender>-lr<lr>-s<seed>`, so the tune-seed run at the chosen
              lr is the tuning run itself (launch_sweep.py skips it). Contenders with `lr_from` (the spectral-ORD
              variants: a controlled comparison with Muon) use that contender's tuned lr; --tune-all tunes them.
-  3. timing: optimizer.step time as a share of the whole step, in this process: same model config, all
-             contenders interleaved step by step (so machine load drifts hit all alike), after warm-up.
+  3. timing: optimizer.step time as a share of the whole step, in this process, same model config, after
+             warm-up; on CPU the contenders are interleaved step by step (machine load drifts hit all alike).
   4. report: `<out>/README.md` (tables), `<out>/results.json` (every number), `<out>/loss.png` (val loss vs step
              and time, mean and +-1 std band over seeds, from plot_loss.py), the exact commands.
 Statistics per contender: mean, std (ddof=1) and n of the final val loss, Welch's t-test against Muon
@@ -446,15 +446,14 @@ def time_optimizer_steps(protocol: Protocol, contenders: list[Contender], chosen
                          steps: int | None = None, warmup: int | None = None) -> dict:
     """Median and total time of the matrix optimizer's step(), DistAdam's step() and the whole step, per contender.
 
-    Each contender gets its own model (same seed) and loader; steps are interleaved (one step of each contender in
-    turn) so that load changes of a shared machine hit all of them alike. The loop is train_gpt.py's: every
-    micro-batch's forward and backward (and SpectralEcho's replicate recording), lr / momentum schedule, the
-    optimizers' step(). Returns {contender: {...ms..., "matrix_share": matrix step / whole step}}.
+    Each contender gets its own model (same seed) and loader. On CPU all models are built first and the steps
+    are interleaved (one step of each contender in turn) so that load changes of a shared machine hit all of
+    them alike; on CUDA (a dedicated device, and models too large to keep several) the contenders run one after
+    the other, each freed before the next. The loop is train_gpt.py's: every micro-batch's forward and backward
+    (and SpectralEcho's replicate recording), lr / momentum schedule, the optimizers' step().
+    Returns {contender: {...ms..., "matrix_share": matrix step / whole step, "adam_share", "steps"}}.
     """
     import torch
-
-    import train_gpt
-    from data.shards import DistributedTokenLoader
 
     steps = protocol.timing_steps if steps is None else steps
     warmup = protocol.timing_warmup if warmup is None else warmup
@@ -462,40 +461,58 @@ def time_optimizer_steps(protocol: Protocol, contenders: list[Contender], chosen
     if protocol.env.get("OMP_NUM_THREADS"):  # the runs' thread count (1 thread is far faster on a shared 2-core box)
         torch.set_num_threads(int(protocol.env["OMP_NUM_THREADS"]))
     os.chdir(REPO)
+    times: dict[str, list[dict]] = {c.name: [] for c in contenders}
     try:
-        states = {}
-        for c in contenders:
-            cfg = train_gpt.parse_config(flag_argv({**flags, "optimizer": c.optimizer, "lr": chosen_lr[c.name],
-                                                    "optimizer_args": c.args}))
-            accum = train_gpt.validate_config(cfg, world_size=1)
-            device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
-                                                                   torch.cuda.is_available()) else "cpu")
-            torch.manual_seed(cfg.seed)
-            model = train_gpt.GPT(cfg).to(device)
-            opts = train_gpt.build_optimizers(model, cfg)
-            rows = cfg.micro_batch_tokens // cfg.seq_len
-            loader = DistributedTokenLoader(cfg.train_files, rows, cfg.seq_len, align_to_bos=cfg.align_to_bos,
-                                            bos_id=cfg.bos_id, device=device)
-            step_model = torch.compile(model, dynamic=False) if cfg.compile else model
-            states[c.name] = dict(cfg=cfg, accum=accum, device=device, model=model, step_model=step_model,
-                                  opts=opts, loader=loader, times=[])
-        for step in range(warmup + steps):
-            for name, s in states.items():
-                timings = _timed_step(s, step)
-                if step >= warmup:
-                    s["times"].append(timings)
+        if protocol.cpu:
+            states = {c.name: _timing_state(c, chosen_lr[c.name], flags) for c in contenders}
+            for step in range(warmup + steps):
+                for name, state in states.items():
+                    timings = _timed_step(state, step)
+                    if step >= warmup:
+                        times[name].append(timings)
+        else:
+            for c in contenders:
+                state = _timing_state(c, chosen_lr[c.name], flags)
+                for step in range(warmup + steps):
+                    timings = _timed_step(state, step)
+                    if step >= warmup:
+                        times[c.name].append(timings)
+                del state
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
     out = {}
-    for name, s in states.items():
-        cols = {key: [t[key] for t in s["times"]] for key in ("forward_backward", "adam", "matrix", "total")}
+    for name, rows in times.items():
+        cols = {key: [t[key] for t in rows] for key in ("forward_backward", "adam", "matrix", "total")}
         out[name] = {f"{key}_ms_median": 1000 * statistics.median(v) for key, v in cols.items()}
         out[name].update({f"{key}_ms_mean": 1000 * sum(v) / len(v) for key, v in cols.items()})
         out[name]["matrix_share"] = sum(cols["matrix"]) / sum(cols["total"])
         out[name]["adam_share"] = sum(cols["adam"]) / sum(cols["total"])
-        out[name]["steps"] = len(s["times"])
+        out[name]["steps"] = len(rows)
     return out
+
+
+def _timing_state(c: Contender, lr: float, flags: dict) -> dict:
+    """Model, optimizers and loader of one contender, built as train_gpt.py builds them (world size 1)."""
+    import torch
+
+    import train_gpt
+    from data.shards import DistributedTokenLoader
+
+    cfg = train_gpt.parse_config(flag_argv({**flags, "optimizer": c.optimizer, "lr": lr, "optimizer_args": c.args}))
+    accum = train_gpt.validate_config(cfg, world_size=1)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    torch.manual_seed(cfg.seed)
+    model = train_gpt.GPT(cfg).to(device)
+    opts = train_gpt.build_optimizers(model, cfg)
+    rows = cfg.micro_batch_tokens // cfg.seq_len
+    loader = DistributedTokenLoader(cfg.train_files, rows, cfg.seq_len, align_to_bos=cfg.align_to_bos,
+                                    bos_id=cfg.bos_id, device=device)
+    step_model = torch.compile(model, dynamic=False) if cfg.compile else model
+    return dict(cfg=cfg, accum=accum, device=device, model=model, step_model=step_model, opts=opts, loader=loader)
 
 
 def _timed_step(s: dict, step: int) -> dict:

@@ -160,3 +160,21 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "unknown contenders" in capsys.readouterr().err
     assert race.main(["--protocol", "toy", "--out", str(tmp_path), "--flag", "num_iterations"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_timing_sequential_path_matches_the_interleaved_one(tmp_path):
+    """The one-contender-at-a-time path (used on CUDA) measures the same phases; run here on CPU."""
+    from dataclasses import replace
+
+    train, val = _write_zipf_shards(tmp_path)
+    toy = race.PROTOCOLS["toy"]
+    flags = {**toy.flags, "train_files": train, "val_files": val}
+    contenders = race.select_contenders(toy, None, tune_all=False)
+    lrs = {"muon": 0.02, "ord_par1.0": 0.02}
+    for protocol in (toy, replace(toy, cpu=False)):
+        timing = race.time_optimizer_steps(protocol, contenders, lrs, flags, steps=2, warmup=1)
+        assert set(timing) == {"muon", "ord_par1.0"}
+        for t in timing.values():
+            assert t["steps"] == 2 and 0 < t["matrix_share"] < 1
+            assert t["forward_backward_ms_mean"] + t["adam_ms_mean"] + t["matrix_ms_mean"] == \
+                pytest.approx(t["total_ms_mean"], rel=1e-6)
