@@ -389,3 +389,21 @@ def test_probe_on_a_tiny_train_gpt_model_measures_the_matrices_the_optimizer_upd
     expected = sum(p.shape[0] if p.ndim == 3 else 1 for p in params.values())
     assert len(mats) == expected and all("d0" in r for r in mats)
     assert any(r["name"].endswith("qkvo_w[3]") for r in mats)
+
+
+def test_random_row_batches_are_slices_of_the_shards(tmp_path):
+    from data.shards import write_shard
+
+    tokens = np.arange(5000, dtype=np.uint16)  # each token is its own position
+    write_shard(str(tmp_path / "t_000001.bin"), tokens)
+    it = spectral_probe.random_row_batches(str(tmp_path / "t_*.bin"), rows=3, seq_len=16, seed=0)
+    starts = set()
+    for _ in range(4):
+        x, y = next(it)
+        assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+        torch.testing.assert_close(x[:, 1:], y[:, :-1])
+        for row in x:
+            start = int(row[0])
+            assert torch.equal(row, torch.as_tensor(tokens[start:start + 16].astype(np.int64)))  # contiguous
+            starts.add(start)
+    assert len(starts) > 6  # independent random positions, not one stream
