@@ -719,7 +719,7 @@ def optimizer_summary(opt) -> list[str]:
                              f"min {min(values):.4g} max {max(values):.4g} over {len(values)} matrices")
     report = getattr(opt, "echo_report", None)
     if report is not None:
-        for entry in report()[:8]:
+        for entry in report():
             lines.append("echo curve: " + json.dumps(entry, default=float))
     return lines
 
