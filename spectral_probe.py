@@ -129,7 +129,7 @@ def _reversals(x: np.ndarray, y: np.ndarray, se: np.ndarray) -> dict:
     z = (y[:-1] - y[1:]) / np.sqrt(se[:-1] ** 2 + se[1:] ** 2)  # > 0: a decrease as s grows
     top_dip = bool(len(y) >= 3 and (y[:-1].max() - y[-1]) / math.sqrt(se[-1] ** 2 + se[np.argmax(y[:-1])] ** 2) > 2)
     return {"spearman": weighted_spearman(x, y, 1 / se ** 2), "reversals": int((z > REVERSAL_Z).sum()),
-            "max_reversal_z": float(z.max()) if len(z) else float("nan"), "top_dip": top_dip}
+            "max_reversal_z": float(z.max()) if len(z) else float("nan"), "top_dip": top_dip, "z": z.tolist()}
 
 
 def monotonicity(x: np.ndarray, r: np.ndarray, se: np.ndarray) -> dict:
@@ -267,7 +267,7 @@ def analyse_matrix(R: torch.Tensor, tokens_per_replicate: float | None = None, n
 
     s_flat, e_flat, se_flat, split_id = est.flat()
     x_flat = s_flat / edge
-    edges = echo.bin_edges(x_flat, n_bins)
+    edges = echo.merge_sparse_bins(x_flat, echo.bin_edges(x_flat, n_bins), min_count=len(est.splits))
     binned = echo.binned_ratio(x_flat, e_flat / edge, se_flat / edge, edges=edges, group=split_id)
     x_est = echo.EchoEstimate(s=est.s / edge, echo=est.echo / edge, se=est.se / edge,
                               probe_values=[pv / edge for pv in est.probe_values], splits=est.splits,
@@ -643,6 +643,12 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     if n_rev == 0 and dips > 0:
         v = "undecided"
     max_z = np.nanmax([r["d"]["max_reversal_z"] if r["d"]["max_reversal_z"] is not None else np.nan for r in mats])
+    # many adjacent-bin tests: the family-wise 5% threshold (Bonferroni) tells chance from a real reversal
+    from scipy.stats import norm
+
+    z_all = [z for r in mats for z in monotonicity(*_points(r))["z"]]  # recomputed from the stored bins
+    z_bonf = float(norm.isf(0.05 / max(len(z_all), 1)))
+    n_bonf = sum(1 for z in z_all if z > z_bonf)
     rows.append({"assumption": "The echo is monotone in the singular value",
                  "diagnostic": f"(d) significant (z > {REVERSAL_Z:g}) decreases of the binned amplitude echo between "
                                "adjacent bins; top-bin dip; the same for the ratio echo / s",
@@ -650,7 +656,8 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
                             f"{max_z:.2g}), {dips} top-bin dips, weighted Spearman median "
                             f"{_med([r['d']['spearman'] for r in mats]):.2f}; ratio: {n_rev_ratio} of {len(mats)} "
                             "with a significant reversal (Spearman median "
-                            f"{_med([r['d']['ratio']['spearman'] for r in mats]):.2f})",
+                            f"{_med([r['d']['ratio']['spearman'] for r in mats]):.2f}); {n_bonf} amplitude "
+                            f"reversals above the family-wise 5% threshold z = {z_bonf:.2f} of {len(z_all)} tests",
                  "verdict": v})
     # (e)
     choices = [cv.get("choice") for cv in across["cv_layers"].values()]
@@ -810,7 +817,8 @@ def plot_constants(out_dir: str, records: list[dict]) -> str:
 
     mats = [r for r in records if r.get("kind") == "matrix" and "b" in r]
     panels = [("hill", "tau"), ("hill_floor", "r0"), ("hill_floor", "tau"), ("soft_sign", "c"), ("soft_sign", "r_max")]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.3 * (len(panels) + 1), 3.0))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    axes = list(axes.flat)
     names = sorted({r["name"] for r in mats})
     for ax, (fam, key) in zip(axes, panels):
         for i, name in enumerate(names):
@@ -819,15 +827,16 @@ def plot_constants(out_dir: str, records: list[dict]) -> str:
                 continue
             steps = [r["step"] for r in rs]
             vals = [r["b"]["fits"][fam]["params"][key] for r in rs]
-            errs = [r["b"]["fits"][fam]["param_se"].get(key) or 0.0 for r in rs]
-            ax.errorbar(np.array(steps) + (i - len(names) / 2) * 0.4, vals, yerr=errs, lw=0.7, ms=2, marker="o",
-                        alpha=0.7)
+            errs = np.array([r["b"]["fits"][fam]["param_se"].get(key) or 0.0 for r in rs])
+            lower = np.minimum(errs, 0.9 * np.abs(vals)) if key in ("tau", "c") else errs  # log axis: stay > 0
+            ax.errorbar(np.array(steps) + (i - len(names) / 2) * 0.4, vals, yerr=[lower, errs], lw=0.7, ms=2,
+                        marker="o", alpha=0.7)
         ax.set_title(f"{fam}: {key} (edge units)" if key in ("tau", "c") else f"{fam}: {key}", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         if key in ("tau", "c"):
             ax.set_yscale("log")
         ax.tick_params(labelsize=6)
-    ax = axes[-1]
+    ax = axes[len(panels)]
     for name in names:
         rs = sorted([r for r in mats if r["name"] == name], key=lambda r: r["step"])
         ax.plot([r["step"] for r in rs], [r["d0"]["b_simple"] or np.nan for r in rs], marker="o", lw=0.7, ms=2)

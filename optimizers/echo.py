@@ -32,7 +32,7 @@ __all__ = [
     "CrossProjection", "EchoEstimate", "BinnedEcho", "CurveFit", "CURVE_FAMILIES",
     "check_replicates", "random_splits", "project_atoms", "cross_project", "cross_project_split", "estimate_echo",
     "noise_sigma", "noise_scales", "noise_anisotropy",
-    "bin_edges", "binned_ratio", "bootstrap_binned_ratio",
+    "bin_edges", "merge_sparse_bins", "binned_ratio", "bootstrap_binned_ratio",
     "gavish_donoho_eta", "gavish_donoho_echo", "fit_curve", "isotonic_fit",
 ]
 
@@ -343,6 +343,24 @@ def bin_edges(s: torch.Tensor | np.ndarray, n_bins: int = 12, scale: str = "log"
         edges[-1] = hi
         return np.unique(edges)
     raise ValueError(f"unknown bin scale {scale!r}; choose 'log', 'linear' or 'quantile'")
+
+
+def merge_sparse_bins(s, edges: np.ndarray, min_count: int) -> np.ndarray:
+    """Remove inner edges until every bin holds >= min_count of the values s (a sparse bin joins its lower
+    neighbour; the lowest joins the one above). A bin of one or two atoms has an echo standard error
+    from a handful of probes and ranks atoms of different splits at random: it is not worth a point."""
+    s = np.asarray(torch.as_tensor(s, dtype=torch.float64).cpu()).reshape(-1)
+    edges = list(np.asarray(edges, dtype=np.float64))
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    while len(edges) > 2:
+        counts, _ = np.histogram(s, bins=np.asarray(edges))
+        sparse = np.nonzero(counts < min_count)[0]
+        if len(sparse) == 0:
+            break
+        b = int(sparse[-1])  # the highest sparse bin
+        del edges[b if b > 0 else 1]  # merge with the bin below (the lowest bin: with the one above)
+    return np.asarray(edges)
 
 
 def binned_ratio(

@@ -407,3 +407,13 @@ def test_random_row_batches_are_slices_of_the_shards(tmp_path):
             assert torch.equal(row, torch.as_tensor(tokens[start:start + 16].astype(np.int64)))  # contiguous
             starts.add(start)
     assert len(starts) > 6  # independent random positions, not one stream
+
+
+def test_merge_sparse_bins_leaves_no_bin_below_the_minimum():
+    s = np.array([0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 5.0, 9.0])
+    edges = np.array([0.05, 0.5, 2.0, 10.0])
+    np.testing.assert_allclose(echo.merge_sparse_bins(s, edges, 2), edges)  # counts 3, 3, 2: unchanged
+    merged = echo.merge_sparse_bins(s, edges, 3)  # the top bin (2 atoms) joins the one below
+    np.testing.assert_allclose(merged, [0.05, 0.5, 10.0])
+    assert np.histogram(s, merged)[0].tolist() == [3, 5]
+    np.testing.assert_allclose(echo.merge_sparse_bins(s, edges, 100), [0.05, 10.0])
