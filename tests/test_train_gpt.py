@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import model
+import schedules
 import train_gpt
-from train_gpt import Hyperparameters, parse_config
+from config import Hyperparameters, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,20 +122,20 @@ def test_config_error_exit_code_and_message(tmp_path):
 def test_schedules_closed_forms():
     cfg = Hyperparameters(num_iterations=1000, cooldown_frac=0.7, final_lr_frac=0.0, max_window_tokens=3456,
                           window_block=128, momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_steps=300)
-    assert train_gpt.lr_multiplier(cfg, 0) == 1.0 and train_gpt.lr_multiplier(cfg, 299) == 1.0
-    assert math.isclose(train_gpt.lr_multiplier(cfg, 650), 0.5)
-    assert train_gpt.lr_multiplier(cfg, 1000) == 0.0
+    assert schedules.lr_multiplier(cfg, 0) == 1.0 and schedules.lr_multiplier(cfg, 299) == 1.0
+    assert math.isclose(schedules.lr_multiplier(cfg, 650), 0.5)
+    assert schedules.lr_multiplier(cfg, 1000) == 0.0
     for step in (0, 100, 500, 999):
         x = step / 1000
         expected = 3456 * (4 * x**3 - 6 * x**2 + 3 * x)
-        got = train_gpt.window_tokens_at(cfg, step)
+        got = schedules.window_tokens_at(cfg, step)
         assert got % 128 == 0 and expected <= got < expected + 128 + 1e-9 or (expected == 0 and got == 128)
-    assert math.isclose(train_gpt.momentum_at(cfg, 150), 0.90) and train_gpt.momentum_at(cfg, 600) == 0.95
+    assert math.isclose(schedules.momentum_at(cfg, 150), 0.90) and schedules.momentum_at(cfg, 600) == 0.95
 
 
 def test_attention_mask_is_causal_same_document_and_windowed():
     doc_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
-    mask = train_gpt.dense_attention_mask(doc_ids, torch.tensor(2))
+    mask = model.dense_attention_mask(doc_ids, torch.tensor(2))
     for q in range(8):
         for k in range(8):
             expected = k <= q and doc_ids[q] == doc_ids[k] and q - k < 2
