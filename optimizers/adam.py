@@ -7,7 +7,8 @@ Per parameter p with averaged gradient g, step t (1-based):
 Distribution: with a process group, a parameter whose first dim is divisible by the world size is
 reduce-scattered along dim 0 (each rank updates and keeps Adam state for its own rows, then the rows are
 all-gathered); any other parameter (0-D scalars included) is all-reduced and updated identically on every rank.
-All reductions are launched before the first update. Gradients are averaged as SUM / world_size.
+All reductions are launched before the first update; every collective is waited on before step()
+returns or raises. Gradients are averaged as SUM / world_size.
 A parameter that requires grad but has no gradient on this rank contributes zeros.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from optimizers.distributed import PendingGrads, dist_info, grad_or_zeros
+from optimizers.distributed import PendingGather, PendingGrads, dist_info, grad_or_zeros, wait_for_all
 
 
 def adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -68,11 +69,24 @@ class DistAdam(torch.optim.Optimizer):
         if p.ndim >= 1 and p.shape[0] % world_size == 0:
             rows = p.shape[0] // world_size
             own = torch.empty((rows, *p.shape[1:]), dtype=grad.dtype, device=grad.device)
-            work = dist.reduce_scatter_tensor(own, grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
-            return slice(rank * rows, (rank + 1) * rows), PendingGrads(own, work, divisor=world_size)
+            sent = grad.contiguous()
+            work = dist.reduce_scatter_tensor(own, sent, op=dist.ReduceOp.SUM, async_op=True)
+            return slice(rank * rows, (rank + 1) * rows), PendingGrads(own, work, divisor=world_size, sent=sent)
         full = grad.clone()
         work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
         return None, PendingGrads(full, work, divisor=world_size)
+
+    def _update(self, group: dict, p: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> None:
+        """One AdamW step on target (p, or this rank's rows of p) with the averaged grad; state lives under p."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(target)
+            state["exp_avg_sq"] = torch.zeros_like(target)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        adam_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                    beta1, beta2, group["eps"], group["weight_decay"] * group["weight_decay_mul"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,25 +95,25 @@ class DistAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rank, world_size = dist_info()
-        work = [(group, p, *self._reduce(p, rank, world_size))
-                for group in self.param_groups for p in group["params"] if p.requires_grad]
-        gathers = []
-        for group, p, rows, pending in work:
-            grad = pending.wait()
-            target = p if rows is None else p[rows].clone()  # own rows: updated, then all-gathered into p
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(target)
-                state["exp_avg_sq"] = torch.zeros_like(target)
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            adam_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                        beta1, beta2, group["eps"], group["weight_decay"] * group["weight_decay_mul"])
-            if rows is not None:
-                gathers.append(dist.all_gather_into_tensor(p, target, async_op=True))
-        for handle in gathers:
-            handle.wait()
+        reductions: list[tuple[dict, torch.Tensor, slice | None, PendingGrads]] = []
+        gathers: list[PendingGather] = []
+        try:
+            for group in self.param_groups:  # launch every reduction before the first update
+                for p in group["params"]:
+                    if p.requires_grad:
+                        reductions.append((group, p, *self._reduce(p, rank, world_size)))
+            for group, p, rows, pending in reductions:
+                grad = pending.wait()
+                target = p if rows is None else p[rows].clone()  # own rows: updated, then all-gathered into p
+                self._update(group, p, target, grad)
+                if rows is not None:
+                    gathers.append(PendingGather(dist.all_gather_into_tensor(p, target, async_op=True),
+                                                 sent=target))
+            for gather in gathers:
+                gather.wait()
+        except BaseException as error:
+            wait_for_all([r[3].work for r in reductions] + [g.work for g in gathers], error)
+            raise
         return loss
 
 

@@ -282,7 +282,7 @@ class SpectralEcho(Muon):
             return PendingGrads(ReplicateGroups(local, sizes))
         owned = torch.empty((bucket.per_rank, 3, *bucket.shape), dtype=local.dtype, device=local.device)
         work = dist.reduce_scatter_tensor(owned, local, op=dist.ReduceOp.SUM, async_op=True)
-        return PendingGrads(owned, work, finish=lambda sums: ReplicateGroups(sums[:n_own], sizes))
+        return PendingGrads(owned, work, finish=lambda sums: ReplicateGroups(sums[:n_own], sizes), sent=local)
 
     # ---- update ----------------------------------------------------------------------------------------
     def compute_update(self, group, owned, W, grads, states):
