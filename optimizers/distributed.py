@@ -35,7 +35,7 @@ Each group gets a key "step": the number of completed `step()` calls for that gr
 Under a process group each rank's `state` holds only the parameters it owns.
 
 Async collectives: every handle a step starts is waited on before `step()` returns or raises (`wait_for_all` on
-the error path), and each handle keeps its input tensor referenced while it lives (see `PendingGrads`). The
+the error path), and each handle keeps its input tensor referenced until its wait (see `PendingGrads`). The
 process group itself is opened and closed with `start_process_group` / `close_process_group`; their docstrings
 give the reason (issue 15: "terminate called without an active exception" at exit).
 torch 2.13 deprecates `reduce_scatter_tensor` / `all_gather_into_tensor` in favour of `reduce_scatter_single` /
@@ -70,9 +70,9 @@ def dist_info() -> tuple[int, int]:
 #      the wait) is then freed by that worker thread, and freeing its Python object takes the GIL
 #      (TensorImpl::decref_pyobject -> pybind11 gil_scoped_acquire -> PyEval_AcquireThread).
 #   2. If the interpreter is finalizing by then, CPython (3.11 here, 3.12 on the GPU machine) ends any other
-#      thread that takes the GIL, or waits for it, with pthread_exit. The forced unwind meets a noexcept C++ destructor on the worker's stack and the C++ runtime
-#      calls std::terminate: "terminate called without an active exception", exit code -6, torchrun SIGTERMs
-#      the other rank.
+#      thread that takes the GIL, or waits for it, with pthread_exit. The forced unwind meets a noexcept C++
+#      destructor on the worker's stack and the C++ runtime calls std::terminate: "terminate called without an
+#      active exception", exit code -6, and torchrun SIGTERMs the other rank.
 #   3. destroy_process_group() would have joined those worker threads (its destructor drops the GIL while it
 #      joins), but it did not destroy anything: torch.distributed.nn.functional binds `group=group.WORLD` as
 #      default arguments when imported, and the first torch.optim.Optimizer imports it (through torch._dynamo)
@@ -199,9 +199,9 @@ class PendingGrads:
 
     value: the tensor (or any object) the collective writes into; work: its async handle (None: nothing to
     wait for); divisor: applied once after the wait (SUM -> mean, since gloo lacks an AVG reduce-op for some
-    collectives); sent: the collective's input, referenced for as long as this handle lives, so that its
-    Python object never dies while gloo still reads the tensor (the gloo thread would then free it, which takes
-    the GIL; see the comment above start_process_group).
+    collectives); sent: the collective's input, referenced until the wait returns, so that its Python object
+    does not die while the collective still reads the tensor (a gloo thread would then be the one to free it,
+    which takes the GIL; see the comment above start_process_group).
     """
 
     def __init__(self, value: Any, work: Any = None, divisor: int = 1,
@@ -213,6 +213,7 @@ class PendingGrads:
         if not self._done:
             if self.work is not None:
                 self.work.wait()
+            self._sent = None
             if self._divisor != 1:
                 self._value.div_(self._divisor)
             if self._finish is not None:
@@ -224,7 +225,8 @@ class PendingGrads:
 class PendingGather:
     """An in-flight all-gather. wait() finishes it and copies gathered[:len(params)] into params (if any).
 
-    work None: nothing to wait for (world size 1). sent: the input, kept referenced as in `PendingGrads`.
+    work None: nothing to wait for (world size 1). sent: the input, referenced until the wait returns (as in
+    `PendingGrads`).
     """
 
     def __init__(self, work: Any, sent: torch.Tensor | None = None, gathered: torch.Tensor | None = None,
@@ -234,6 +236,7 @@ class PendingGather:
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
+        self._sent = None
         if self._params:
             torch._foreach_copy_(self._params, list(self._gathered[:len(self._params)].unbind(0)))
 

@@ -75,8 +75,8 @@ def build(name: str, params):
         return Muon(matrices, lr=0.02)
     if name == "spectral_ord":
         return SpectralORD(matrices, lr=0.02, spectral_lr_mul=0.5)
-    if name == "spectral_echo":  # step 0 is a fit step with 2 ranks x 2 micro-batches = 4 replicates
-        return SpectralEcho(matrices, lr=0.02, fit_every=1, n_bins=8, bin_min=1e-2)
+    if name == "spectral_echo":  # step 0: a fit step (2 ranks x 2 micro-batches = 4 replicates); step 1: ordinary
+        return SpectralEcho(matrices, lr=0.02, fit_every=2, n_bins=8, bin_min=1e-2)
     if name == "adam":
         return DistAdam(params, lr=0.01)  # (8, 12) rows are reduce-scattered, (5, 5) and (6,) all-reduced
     return AdamWMatrix(matrices, lr=0.01)
@@ -108,6 +108,8 @@ def test_step_waits_for_every_collective_it_starts(two_fake_ranks, name):
     opt = build(name, params)
     for step in range(2):
         feed(opt, params, step)
+        if name == "spectral_echo":
+            assert opt.replicates_wanted() == (step == 0)  # a fit step, then an ordinary one
         opt.step()
         assert two_fake_ranks, "no collective started: the world-size-2 path was not taken"
         assert [w.name for w in two_fake_ranks if not w.waited] == []
