@@ -99,6 +99,13 @@ def classify(returncode: int | None, output: str) -> str:
     return "error"
 
 
+def gil_delay_counts(output: str) -> dict:
+    """With --gil-delay-ms: how many GIL requests of gloo threads were delayed, and how many of them were
+    served while the interpreter was finalizing (each of those ends the thread; see bench/gil_delay.c)."""
+    lines = [line for line in output.splitlines() if line.startswith("[gil_delay]") and "takes the GIL" in line]
+    return dict(gil_delayed=len(lines), gil_in_finalization=sum(line.endswith("finalizing: 1)") for line in lines))
+
+
 def run_once(argv: list[str], cwd: str, env: dict, timeout: float) -> tuple[int | None, float, str]:
     """(return code or None on timeout, seconds, stdout + stderr) of one launch; a timed-out launch is killed
     with its whole process group (torchrun and both ranks)."""
@@ -136,16 +143,22 @@ def summarize(results: list[dict]) -> list[dict]:
         seconds = [r["seconds"] for r in runs]
         rows.append(dict(command=command, load=load, runs=len(runs), failed=sum(k != "ok" for k in kinds),
                          abort=kinds.count("abort"), timeout=kinds.count("timeout"), error=kinds.count("error"),
-                         median_s=round(statistics.median(seconds), 1), max_s=round(max(seconds), 1)))
+                         median_s=round(statistics.median(seconds), 1), max_s=round(max(seconds), 1),
+                         gil_delayed=sum(r["gil_delayed"] for r in runs),
+                         gil_in_finalization=sum(r["gil_in_finalization"] for r in runs)))
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| command | load | runs | failed | abort | timeout | error | median s | max s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def format_table(rows: list[dict], gil_delay: bool) -> str:
+    """Markdown table; with gil_delay, two more columns: delayed GIL requests of gloo threads, and how many of
+    them were served during interpreter finalization."""
+    extra = " delayed GIL requests | ... during finalization |" if gil_delay else ""
+    lines = ["| command | load | runs | failed | abort | timeout | error | median s | max s |" + extra,
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gil_delay else "")]
     for r in rows:
-        lines.append(f"| {r['command']} | {r['load']} | {r['runs']} | {r['failed']} | {r['abort']} | "
-                     f"{r['timeout']} | {r['error']} | {r['median_s']} | {r['max_s']} |")
+        cells = [r["command"], r["load"], r["runs"], r["failed"], r["abort"], r["timeout"], r["error"],
+                 r["median_s"], r["max_s"]] + ([r["gil_delayed"], r["gil_in_finalization"]] if gil_delay else [])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                         returncode, seconds, output = run_once(argv_run, args.repo, env, args.timeout)
                         kind = classify(returncode, output)
                         results.append(dict(command=name, load=load, run=i, returncode=returncode,
-                                            seconds=round(seconds, 2), kind=kind,
+                                            seconds=round(seconds, 2), kind=kind, **gil_delay_counts(output),
                                             tail=output[-3000:] if kind != "ok" else ""))
                         shutil.rmtree(out_dir, ignore_errors=True)
                         print(f"load {load} run {i + 1}/{args.runs} {name}: {kind} ({seconds:.1f} s)", flush=True)
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     rows = summarize(results)
-    table = format_table(rows)
+    table = format_table(rows, gil_delay=args.gil_delay_ms > 0)
     print(table)
     import torch
     report = dict(
