@@ -75,7 +75,7 @@ PROTOCOLS: dict[str, Protocol] = {
                     "val on the first 8192 val tokens every 20 steps",
         flags=dict(preset="cpu-tiny", seq_len=128, micro_batch_tokens=128, batch_tokens=512, max_window_tokens=128,
                    num_iterations=80, val_loss_every=20, val_tokens=8192, momentum_warmup_steps=16,
-                   report_unigram=False, print_every=20),
+                   report_baselines=False, print_every=20),
         lr_grids={"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.04]},
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         max_parallel=2,
@@ -94,7 +94,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "toy": Protocol(
         name="toy",
         description="2-layer d=32 model, 4 steps x 256 tokens: a smoke test of the machinery, not a measurement",
-        flags=dict(preset="cpu-tiny", num_iterations=4, val_loss_every=2, report_unigram=False, num_layers=2,
+        flags=dict(preset="cpu-tiny", num_iterations=4, val_loss_every=2, report_baselines=False, num_layers=2,
                    model_dim=32, num_heads=2, head_dim=16, seq_len=64, micro_batch_tokens=64, batch_tokens=256,
                    val_seq_len=128, val_tokens=512, skip_connections="0:1", long_window_layers="0",
                    num_value_embeds=1, max_window_tokens=64, window_block=16, momentum_warmup_steps=2),
@@ -266,7 +266,7 @@ def resolve_target(protocol: Protocol, flags: dict) -> tuple[float, str]:
     cwd = os.getcwd()
     os.chdir(REPO)  # data paths of the presets are relative to the repository
     try:
-        value = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=50257, val_tokens=cfg.val_tokens)
+        value = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=cfg.vocab_size, val_tokens=cfg.val_tokens)
     finally:
         os.chdir(cwd)
     return round(value, 4), (f"the unigram model of the train tokens (add-one smoothing) scored on the same "
