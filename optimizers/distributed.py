@@ -25,6 +25,8 @@ Subclass contract:
     value passed as `grads` to `compute_update`. Override it to deliver something else to the owner
     (e.g. per-replicate partial sums); it is called for all buckets before the first `wait()`.
   - `update_scale(shape)`: lr multiplier per shape, default max(1, M/N)^0.5 with (M, N) the last two dims.
+  - `apply_update(group, W, U, scale)`: how U changes W (default: step 3's two lines; spectral_ord's radial brake
+    overrides it).
   - `validate_group(group)` / `validate_param(p)`: argument checks, run for every param group added.
 
 Gradients: a parameter with `requires_grad=False` is left out (the same on every rank). A parameter that
@@ -145,6 +147,11 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
                        states: list[dict]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement compute_update")
 
+    def apply_update(self, group: dict, W: torch.Tensor, update: torch.Tensor, scale: float) -> None:
+        """In place on the owned stack W (n_own, *shape): decoupled weight decay, then the scaled step."""
+        W.mul_(1 - group["lr"] * group["weight_decay"] * group["weight_decay_mul"])
+        W.add_(update, alpha=-group["lr"] * scale)
+
     def reduce_gradients(self, bucket: Bucket) -> PendingGrads:
         """Start averaging this bucket's gradients over ranks; the owner gets its slice (n_own, *shape)."""
         n_own = len(bucket.owned)
@@ -190,8 +197,7 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         if owned:
             states = [self.state[p] for p in owned]
             update = self.compute_update(group, owned, W, grads, states)
-            W.mul_(1 - group["lr"] * group["weight_decay"] * group["weight_decay_mul"])
-            W.add_(update, alpha=-group["lr"] * self.update_scale(bucket.shape))
+            self.apply_update(group, W, update, self.update_scale(bucket.shape))
         if bucket.world_size == 1:
             torch._foreach_copy_(owned, list(W.unbind(0)))
             return lambda: None
