@@ -245,10 +245,11 @@ class SpectralEcho(Muon):
                  c_rel: float | None = None, r0: float = 0.0, family: str = "soft_sign_floor", pool_fits: int = 4,
                  min_bin_atoms: int = 2, normalize: str = "top", n_bins: int = 24, bin_min: float = 1e-4,
                  power_iters: int = 6, soft_polish: int = 2, reverb_align: str = "none",
-                 reverb_solver: str = "fieller", param_names: list[str] | None = None):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend,
-                        shrink=shrink, mode=mode, fit_every=fit_every, fit_scope=fit_scope, c_rel=c_rel, r0=r0,
+                 reverb_solver: str = "fieller", param_names: list[str] | None = None,
+                 cautious_weight_decay: bool = False, shape_scale: str = "muon"):
+        defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
+                                      cautious_weight_decay, shape_scale)
+        defaults.update(shrink=shrink, mode=mode, fit_every=fit_every, fit_scope=fit_scope, c_rel=c_rel, r0=r0,
                         family=family, pool_fits=pool_fits, min_bin_atoms=min_bin_atoms, normalize=normalize,
                         n_bins=n_bins, bin_min=bin_min, power_iters=power_iters, soft_polish=soft_polish,
                         reverb_align=reverb_align, reverb_solver=reverb_solver)
