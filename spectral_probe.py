@@ -1096,6 +1096,54 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _parse_ints(parser, flag: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, got {text!r}")
+
+
+def run_truth(args, parser) -> int:
+    """--truth: every estimator against ground truth at each checkpoint (echo_truth.py)."""
+    import echo_truth
+
+    k_list = _parse_ints(parser, "--k-list", args.k_list)
+    layers = _parse_ints(parser, "--layers", args.layers)
+    if not k_list or min(k_list) < 4:
+        parser.error(f"--k-list needs replicate counts >= 4 (the reverb needs 3, the cross-projection halves 2 each), "
+                     f"got {args.k_list!r}")
+    if args.truth_replicates < 2 or args.truth_replicates % 2:
+        parser.error(f"--truth-replicates must be an even number >= 2 (the truth is split in halves for its noise "
+                     f"floor; the study wants >= 64), got {args.truth_replicates}")
+    if args.plot_k not in k_list:
+        parser.error(f"--plot-k {args.plot_k} must be one of --k-list {k_list}")
+    os.makedirs(args.out, exist_ok=True)
+    jsonl = os.path.join(args.out, "truth.jsonl")
+    open(jsonl, "w").close()
+    records, meta = [], {}
+    for i, path in enumerate(args.checkpoint):
+        t0 = datetime.datetime.now()
+        recs, info = echo_truth.truth_checkpoint(
+            path, args.truth_replicates, k_list, args.seed, args.train_files, args.replicate_tokens, args.row_tokens,
+            layers, args.plot_k, args.device, log=lambda text: print(text, flush=True))
+        records += recs
+        with open(jsonl, "a") as f:  # written per checkpoint, so a cut-short run keeps what it measured
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+        print(f"truth at {path}: {(datetime.datetime.now() - t0).total_seconds():.0f}s", flush=True)
+        meta = {"title": args.title or os.path.basename(args.out.rstrip("/")), "study": "truth", **info,
+                "plot_k": args.plot_k, "layers": layers or "all",
+                "checkpoints": ", ".join(os.path.basename(p.rstrip("/")) for p in args.checkpoint[: i + 1]),
+                "date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": args.device,
+                "cpu_threads": torch.get_num_threads()}
+        with open(os.path.join(args.out, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    print(echo_truth.write_truth_summary(args.out, records, meta, args.plot_k))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="*", default=[], help="train_gpt.py checkpoint directories")
@@ -1110,16 +1158,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--null-set", action=argparse.BooleanOptionalAction, default=True,
                         help="draw a second, independent set of K replicates per checkpoint for the same-step null "
                              "of the stability transfer ratio (doubles the gradient passes)")
-    parser.add_argument("--summarize", metavar="DIR", help="only rebuild summary.md and plots from DIR/probe.jsonl")
+    parser.add_argument("--summarize", metavar="DIR", help="only rebuild summary.md and plots from DIR/probe.jsonl "
+                                                           "(or DIR/truth.jsonl of a --truth study)")
     parser.add_argument("--title", default=None)
+    truth = parser.add_argument_group("ground truth (--truth): every estimator against the mean of many replicates")
+    truth.add_argument("--truth", action="store_true", help="run the truth study (echo_truth.py) instead of the probe")
+    truth.add_argument("--truth-replicates", type=int, default=64, help="replicates averaged into the truth")
+    truth.add_argument("--k-list", default="4,8,16,32", help="estimator replicate counts K")
+    truth.add_argument("--replicate-tokens", type=int, default=None,
+                       help="tokens per replicate (default: the run's micro-batch; the user's operating point is 65536)")
+    truth.add_argument("--row-tokens", type=int, default=None, help="tokens per row (default: the run's seq_len)")
+    truth.add_argument("--layers", default=None, help="only these blocks' matrices, e.g. 0,7,15 (default: all)")
+    truth.add_argument("--plot-k", type=int, default=8, help="K of the plotted curves and the headline tables")
+    truth.add_argument("--device", default="cpu", help="device for the gradients and the analysis (cpu or cuda)")
     args = parser.parse_args(argv)
     if args.summarize:
         out = args.summarize
         meta = json.load(open(os.path.join(out, "meta.json")))
-        print(write_outputs(out, read_jsonl(os.path.join(out, "probe.jsonl")), meta))
+        if os.path.exists(os.path.join(out, "truth.jsonl")):
+            import echo_truth
+
+            print(echo_truth.write_truth_summary(out, read_jsonl(os.path.join(out, "truth.jsonl")), meta,
+                                                 meta.get("plot_k", 8)))
+        else:
+            print(write_outputs(out, read_jsonl(os.path.join(out, "probe.jsonl")), meta))
         return 0
     if not args.checkpoint or not args.out:
         parser.error("give --checkpoint DIR [DIR ...] and --out DIR (or --summarize DIR)")
+    for path in args.checkpoint:
+        if not os.path.exists(os.path.join(path, "model.pt")):
+            parser.error(f"{path} is not a train_gpt.py checkpoint directory (no model.pt); checkpoints are written by "
+                         "train_gpt.py --checkpoint-every N --checkpoint-dir DIR")
+    if args.truth:
+        return run_truth(args, parser)
     if args.K < 4:
         parser.error(f"--K must be >= 4, got {args.K}")
     os.makedirs(args.out, exist_ok=True)

@@ -6,22 +6,9 @@ import pytest
 import torch
 
 from optimizers import echo
+from tests.synthetic import spiked
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small float64 SVDs are several times faster on one thread than on two busy cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def spiked(M, N, spikes, scale, gen):
-    """True G = sum_j spikes[j] * scale * u_j v_j^T with random orthonormal u, v: (M, N) float64."""
-    U, _ = torch.linalg.qr(torch.randn(M, len(spikes), generator=gen, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(N, len(spikes), generator=gen, dtype=torch.float64))
-    return (U * (torch.tensor(spikes, dtype=torch.float64) * scale)) @ V.T
+pytestmark = pytest.mark.usefixtures("single_thread")  # small float64 SVDs
 
 
 def test_gavish_donoho_eta_matches_spike_closed_form():

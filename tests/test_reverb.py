@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from optimizers import reverb as rv
+from tests.synthetic import spiked
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small float64 SVDs: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(old)
-
-
-def spiked(M, N, spikes, scale, gen):
-    """True G = sum_j spikes[j] * scale * u_j v_j^T with random orthonormal u, v: (M, N) float64."""
-    U, _ = torch.linalg.qr(torch.randn(M, len(spikes), generator=gen, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(N, len(spikes), generator=gen, dtype=torch.float64))
-    return (U * (torch.tensor(spikes, dtype=torch.float64) * scale)) @ V.T
+pytestmark = pytest.mark.usefixtures("single_thread")  # small float64 SVDs
 
 
 def draw(M, N, K, spikes, seed):
