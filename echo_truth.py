@@ -204,10 +204,6 @@ class TruthAccumulator:
         return self.sums[0][name] / self.counts[0], self.sums[1][name] / self.counts[1]
 
 
-def parse_int_list(text: str | None) -> list[int] | None:
-    return None if not text else [int(x) for x in text.split(",") if x.strip()]
-
-
 def truth_checkpoint(path: str, n_truth: int = 64, k_list=K_LIST, seed: int = 0, train_files: str | None = None,
                      replicate_tokens: int | None = None, seq_len: int | None = None, layers: list[int] | None = None,
                      plot_k: int = 8, device: str = "cpu", log=print) -> tuple[list[dict], dict]:
@@ -345,8 +341,9 @@ def truth_verdicts(records: list[dict], plot_k: int = 8) -> list[dict]:
     rows.append({"assumption": "Alignment of atoms across replicas is good enough for the reverb",
                  "numbers": f"K={k0}, top-atom zeta RMSE (best solver per alignment): " +
                             ", ".join(f"{a} {x:.3f}" for a, x in align.items()) +
-                            f"; knee: " + ", ".join(f"{a} {min(_rmse(r0, f'reverb:{a}:{s}', 'knee') for s in reverb.SOLVERS):.3f}"
-                                                    for a in reverb.ALIGNMENTS),
+                            "; knee: " + ", ".join(
+                                f"{a} {min(_rmse(r0, f'reverb:{a}:{s}', 'knee') for s in reverb.SOLVERS):.3f}"
+                                for a in reverb.ALIGNMENTS),
                  "verdict": v + (" (and alignment matters: none is worse by > 20%)" if align["none"] > 1.2 * aligned
                                  else " (raw SVD order does as well)")})
     kind = "momentum" if _select(records, atoms="momentum") else "mean"
@@ -360,7 +357,8 @@ def truth_verdicts(records: list[dict], plot_k: int = 8) -> list[dict]:
                  "numbers": f"true zeta of the {kind} input's atoms vs s / s_max, K={k0}: share of matrix-steps fitted "
                             "within max(2 x truth floor, 0.02) in every region: " +
                             ", ".join(f"{fam} {100 * frac[fam]:.0f}% (RMSE top/knee/bulk " +
-                                      "/".join(f"{fam_rmse[fam][k]:.3f}" for k in REGIONS) + ")" for fam in FIT_FAMILIES),
+                                      "/".join(f"{fam_rmse[fam][k]:.3f}" for k in REGIONS) + ")"
+                                      for fam in FIT_FAMILIES),
                  "verdict": v})
     iso = {k: _med([f["isotonic_rmse"][k] for f in fits]) for k in REGIONS}
     floors = {k: _med([r["floor"]["zeta"][k] for r in curved]) for k in REGIONS}
@@ -384,13 +382,15 @@ def truth_verdicts(records: list[dict], plot_k: int = 8) -> list[dict]:
               _rmse(_select(records, K=k0, atoms=k), "msign", "top"))
           for k in KINDS if _select(records, atoms=k)}
     rows.append({"assumption": "The user's update: one replica's zeta applied to the momentum input's atoms",
-                 "numbers": f"K={k0}, RMSE top/knee of the user's estimate against each kind's truth (msign's top RMSE): "
+                 "numbers": f"K={k0}, RMSE top/knee of the user's estimate against each kind's truth "
+                            "(msign's top RMSE): "
                             + "; ".join(f"{k} {a:.3f}/{b:.3f} ({c:.3f})" for k, (a, b, c) in op.items()),
                  "verdict": "measured (no threshold in the seed)"})
     rows.append({"assumption": "Amplitude echo by cross-projection (what mode fit uses)",
                  "numbers": f"K={k0}, RMSE of a / s_max top/knee/bulk per kind (truth floor): " + "; ".join(
-                     f"{k} " + "/".join(f"{_rmse(_select(records, K=k0, atoms=k), 'cross_projection', g, 'amplitude'):.3f}"
-                                        for g in REGIONS) + " (" + "/".join(
+                     f"{k} " + "/".join(
+                         f"{_rmse(_select(records, K=k0, atoms=k), 'cross_projection', g, 'amplitude'):.3f}"
+                         for g in REGIONS) + " (" + "/".join(
                          f"{_med([r['floor']['amplitude'][g] for r in _select(records, K=k0, atoms=k)]):.3f}"
                          for g in REGIONS) + ")" for k in KINDS if _select(records, atoms=k)),
                  "verdict": "measured"})
@@ -416,13 +416,15 @@ def _stability_row(records: list[dict], kind: str, k0: int) -> dict:
             old_pred = fam.fn(x, *[fo["params"][k] for k in fam.names])
             new_pred = fam.fn(x, *[fn["params"][k] for k in fam.names])
             floor = max(_med(list(new["floor"]["zeta"].values())), 1e-3)
-            ratios.append(math.sqrt((np.mean((z - old_pred) ** 2) + floor ** 2) / (np.mean((z - new_pred) ** 2) + floor ** 2)))
+            old_sq, new_sq = np.mean((z - old_pred) ** 2), np.mean((z - new_pred) ** 2)
+            ratios.append(math.sqrt((old_sq + floor ** 2) / (new_sq + floor ** 2)))
     med = _med(ratios)
     v = "undecided (fewer than two probed steps)" if not ratios else \
         ("holds" if med <= 1.5 else ("fails" if med > 3 else "undecided"))
     return {"assumption": "The curve's constants are stable over training",
-            "numbers": f"hill_floor fitted to the true zeta ({kind} atoms): RMSE of the previous step's curve / the refit's "
-                       f"(each with the truth floor added in quadrature), median {med:.3g} over {len(ratios)} pairs",
+            "numbers": f"hill_floor fitted to the true zeta ({kind} atoms): RMSE of the previous step's curve / the "
+                       f"refit's (each with the truth floor added in quadrature), median {med:.3g} over {len(ratios)} "
+                       "pairs",
             "verdict": v}
 
 

@@ -701,7 +701,8 @@ def utility_verdict(lookaheads: list[dict]) -> str:
             continue
         wins.append(winner)
     msign_wins = sum(1 for w in wins if w == "msign")
-    detail = f"msign best in {msign_wins}/{len(wins)} decided steps, {edge_steps} step(s) with a best eta at a grid edge"
+    detail = (f"msign best in {msign_wins}/{len(wins)} decided steps, {edge_steps} step(s) with a best eta at a "
+              "grid edge")
     if edge_steps or not wins:
         return f"undecided ({detail})"
     if msign_wins == len(wins):
@@ -826,7 +827,8 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
         far = [t for t, g in zip(d["transfer"], gaps) if g > NEARBY_STEPS]
         null = _med(d.get("null", []))
         text = f"{fam}: transfer median {_med(near):.3g} over {len(near)} nearby pairs (<= {TRANSFER_REUSE} in " \
-               f"{100 * _frac([t <= TRANSFER_REUSE for t in near]):.0f}%), {_med(far):.3g} over {len(far)} far pairs; " \
+               f"{100 * _frac([t <= TRANSFER_REUSE for t in near]):.0f}%), {_med(far):.3g} over {len(far)} far " \
+               "pairs; " \
                f"same-step null median {null:.3g} ({len(d.get('null', []))} matrices); " \
                f"drift |z| median {_med(d['drift_z']):.2g}"
         parts.append(text)
@@ -849,7 +851,8 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     if look:
         rules = look[0]["delta"].keys()
         steps_text = ", ".join(str(m["step"]) for m in models if "lookahead" in m)
-        look_text = f"; held-out look-ahead loss change at each rule's best eta [best eta] (per step {steps_text}): " + \
+        look_text = "; held-out look-ahead loss change at each rule's best eta [best eta] " + \
+            f"(per step {steps_text}): " + \
             ", ".join(f"{rule} " + "/".join(f"{min(lk['delta'][rule].values()):+.4f}"
                                             f"[{lk.get('best_eta', {}).get(rule, float('nan')):g}"
                                             f"{'*' if lk.get('at_edge', {}).get(rule) else ''}]" for lk in look)
@@ -1166,7 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
     truth.add_argument("--truth-replicates", type=int, default=64, help="replicates averaged into the truth")
     truth.add_argument("--k-list", default="4,8,16,32", help="estimator replicate counts K")
     truth.add_argument("--replicate-tokens", type=int, default=None,
-                       help="tokens per replicate (default: the run's micro-batch; the user's operating point is 65536)")
+                       help="tokens per replicate (default: the run's micro-batch; the user's operating point: "
+                            "65536)")
     truth.add_argument("--row-tokens", type=int, default=None, help="tokens per row (default: the run's seq_len)")
     truth.add_argument("--layers", default=None, help="only these blocks' matrices, e.g. 0,7,15 (default: all)")
     truth.add_argument("--plot-k", type=int, default=8, help="K of the plotted curves and the headline tables")

@@ -63,8 +63,9 @@ def replica_stack(replicas, min_count: int, what: str, hint: str = "",
                 raise ValueError(f"replica {j} must be a 2-D tensor (M, N), got "
                                  f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
             if r.shape != replicas[0].shape:
-                raise ValueError(f"replica {j} has shape {tuple(r.shape)} but replica 0 has {tuple(replicas[0].shape)}: "
-                                 "all replicas must be gradients of the same matrix (stack one matrix at a time)")
+                raise ValueError(f"replica {j} has shape {tuple(r.shape)} but replica 0 has "
+                                 f"{tuple(replicas[0].shape)}: all replicas must be gradients of the same matrix "
+                                 "(stack one matrix at a time)")
         replicas = torch.stack([r.to(dtype) for r in replicas])
     if isinstance(replicas, torch.Tensor) and replicas.ndim == 3 and replicas.size(0) < min_count:
         raise ValueError(f"{what} needs at least {min_count} replicas, got K={replicas.size(0)}"

@@ -2,7 +2,6 @@
 on synthetic replicas with a known gradient, and the command line end to end on a tiny checkpoint."""
 import json
 import math
-import os
 
 import pytest
 import torch

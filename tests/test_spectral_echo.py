@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -344,7 +343,8 @@ def test_fits_pool_bin_sums_over_fit_steps_and_edge_fits_are_not_applied(monkeyp
     flagged = {"family": "soft_sign_floor", "c_rel": 1.0, "r0": 0.0, "r_max": 0.3, "chi2": 1.0, "dof": 3,
                "n_bins": 6, "at_edge": ["c_rel"]}
     monkeypatch.setattr(se, "fit_echo_curve", lambda *a, **k: dict(flagged))
-    opt2, muon = SpectralEcho([q], lr=0.02, momentum=0.0, fit_every=1), Muon([torch.nn.Parameter(q.detach().clone())], lr=0.02, momentum=0.0)
+    opt2 = SpectralEcho([q], lr=0.02, momentum=0.0, fit_every=1)
+    muon = Muon([torch.nn.Parameter(q.detach().clone())], lr=0.02, momentum=0.0)
     reps = [replicate((16, 24), 0, j) for j in range(4)]
     w = muon.param_groups[0]["params"][0]
     for g in (sum(reps) / 4, replicate((16, 24), 1, 0)):  # Muon on the same two steps
