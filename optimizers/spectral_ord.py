@@ -19,7 +19,8 @@ matrices (one rho each). The radial term is always added (c G_par with c = 0 add
 decompose off is bit-identical to Muon; decompose defaults to "on iff alpha != 0".
 
 Radial brake (brake_outward / brake_inward < 1; prior art: the "radial brake" of the modded-nanogpt track-3
-optimizer benchmark, PR #294). With D = -lr max(1, M/N)^0.5 U the step and d = 1 - lr wd wd_mul the decay:
+optimizer benchmark, PR #294). With D = -lr s U the step (s: the base's step multiplier, max(1, M/N)^0.5 x lr_mul
+by default) and d = 1 - lr wd wd_mul the (plain) decay:
     r      = <D, W> / ||W||^2               (radial coefficient of the step; outward when r > 0)
     k      = brake_outward if r > 0 else brake_inward
     W'     = d W + D + (k - 1) r W          (the radial part of the step scaled by k, the tangent part kept)
@@ -124,7 +125,8 @@ def radial_snr(rho_k: torch.Tensor) -> float | None:
 class SpectralORD(Muon):
     """Muon with orthogonal-radial decomposition; see the module docstring for the maths and diagnostics.
 
-    Args (besides Muon's lr, momentum, nesterov, weight_decay, msign_steps, msign_backend):
+    Args (besides Muon's lr, momentum, nesterov, weight_decay, msign_steps, msign_backend, cautious_weight_decay,
+    shape_scale):
         spectral_lr_mul: alpha, weight of the radial term G_par (group key, like lr).
         decompose: orthogonalise G_perp (True) or G (False); None = on iff spectral_lr_mul != 0.
         scale_mode: "raw" (U = P + alpha G_par) or "matched" (G_par rescaled by ||P|| / ||G||).
@@ -140,7 +142,8 @@ class SpectralORD(Muon):
                  spectral_lr_mul: float = 0.0, decompose: bool | None = None, scale_mode: str = "raw",
                  reproject: bool = False, brake_outward: float = 1.0, brake_inward: float = 1.0,
                  diagnostics_every: int = 0, diagnostics_path: str | None = None,
-                 param_names: list[str] | None = None):
+                 param_names: list[str] | None = None, cautious_weight_decay: bool = False,
+                 shape_scale: str = "muon"):
         if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 0:
             raise ValueError(f"diagnostics_every must be an integer >= 0 (0 = off), got {diagnostics_every!r}")
         if diagnostics_path is not None and diagnostics_every == 0:
@@ -153,7 +156,8 @@ class SpectralORD(Muon):
         self._line_offsets: list[int] = []  # rank 0: byte offset of each written entry in diagnostics_path
         self._pending_records: list[dict] = []
         self._replicate_rho: dict[torch.Tensor, torch.Tensor] = {}  # param -> (K, B) on diagnostic steps
-        defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend)
+        defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
+                                      cautious_weight_decay, shape_scale)
         defaults.update(spectral_lr_mul=spectral_lr_mul, decompose=decompose, scale_mode=scale_mode,
                         reproject=reproject, brake_outward=brake_outward, brake_inward=brake_inward)
         ShardedMatrixOptimizer.__init__(self, params, defaults)
@@ -181,6 +185,9 @@ class SpectralORD(Muon):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{key} must be a number in [0, 1] (the kept fraction of a radial step; 1 = no "
                                  f"brake), got {value!r}")
+        if group["cautious_weight_decay"] and (group["brake_outward"] != 1 or group["brake_inward"] != 1):
+            raise ValueError("the radial brake uses plain weight decay; set cautious_weight_decay=false or turn the "
+                             "brake off (brake_outward=1, brake_inward=1)")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -200,12 +207,12 @@ class SpectralORD(Muon):
             self._record(group["step"], owned, W, g_eff, parts)
         return update.to(W.dtype)
 
-    def apply_update(self, group, W, update, scale):
+    def apply_update(self, group, W, update, step_lr):
         outward, inward = float(group["brake_outward"]), float(group["brake_inward"])
         if outward == 1.0 and inward == 1.0:
-            return super().apply_update(group, W, update, scale)
+            return super().apply_update(group, W, update, step_lr)
         decay = 1 - group["lr"] * group["weight_decay"] * group["weight_decay_mul"]
-        W.copy_(radial_brake(W, update * (-group["lr"] * scale), decay, outward, inward))
+        W.copy_(radial_brake(W, update * -step_lr, decay, outward, inward))
 
     # ---- diagnostics -----------------------------------------------------------------------------------
     def _is_diagnostic_step(self, step: int) -> bool:
