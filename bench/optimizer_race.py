@@ -76,7 +76,7 @@ class Protocol:
     diagnostics_every: int = 10  # spectral-ORD diagnostics cadence
     echo_fit_every: int = 10  # SpectralEcho fit cadence
     contenders: tuple = ("adamw", "muon", "normuon", "ord_gperp", "ord_par0.5", "ord_par1.0", "ord_matched0.5",
-                         "ord_matched1.0", "brake", "echo", "echo_fixed")
+                         "ord_matched1.0", "brake", "echo", "echo_fixed", "echo_plateau", "echo_reverb")
     timing_steps: int = 10  # measured steps per contender (one diagnostic / fit step among them)
     timing_warmup: int = 2
 
@@ -84,8 +84,8 @@ class Protocol:
 # cpu: the cpu-bytes research setup (byte-level demo corpus, 4 layers, d=128: the hidden matrices carry 0.8M of the
 # 0.88M parameters) at 160 steps x 1,024 bytes; 4 micro-batches of 2 random 128-byte rows per step, the same split
 # for every optimizer (SpectralEcho fits its curve from >= 4 replicates). A run takes ~65 s of CPU time (measured
-# under load: 57 s user with 16K val bytes; 32K adds ~12 s), so ~110 runs fit 90 min with two 1-thread runs at a
-# time on an idle 2-core machine.
+# under load: 57 s user with 16K val bytes; 32K adds ~12 s; echo modes add their overhead), so the ~100 runs (30
+# tuning, 65 final, 5 A/A) fit 90 min with two 1-thread runs at a time on an idle 2-core machine.
 PROTOCOLS: dict[str, Protocol] = {
     "cpu": Protocol(
         name="cpu",
@@ -123,7 +123,10 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
 }
 
-ECHO_FIXED_C_REL = 0.01  # fixed soft-sign constant c / ||X||_F^2: ~ the mean s_i^2 / ||X||_F^2 of a 128-wide matrix
+# The fit mode's fixed curve: soft sign without floor, c / ||X||_F^2 = 0.01 (~ the mean s_i^2 / ||X||_F^2 of a
+# 128-wide matrix; also plateau's default shape). plateau's rho and reverb_svd's zeta have no fixed form: they are
+# estimates by construction, under fixed shape constants (plateau: c_rel 1e-2).
+ECHO_FIXED_C_REL = 0.01
 
 
 def make_contenders(protocol: Protocol) -> dict[str, Contender]:
@@ -146,10 +149,14 @@ def make_contenders(protocol: Protocol) -> dict[str, Contender]:
                   {"spectral_lr_mul": 1.0, **diag, "scale_mode": "matched"}, lr_from="muon", family="ord"),
         Contender("brake", "Muon + radial brake (outward 0.5)", "spectral_ord", {"brake_outward": 0.5},
                   lr_from="muon", family="brake"),
-        Contender("echo", f"SpectralEcho soft sign, fitted every {protocol.echo_fit_every}", "spectral_echo", fit,
-                  family="echo"),
-        Contender("echo_fixed", f"SpectralEcho soft sign, fixed c_rel {ECHO_FIXED_C_REL:g}", "spectral_echo",
-                  {"c_rel": ECHO_FIXED_C_REL}, lr_from="echo", family="echo"),
+        Contender("echo", f"SpectralEcho fit: soft sign with floor, fitted every {protocol.echo_fit_every}",
+                  "spectral_echo", {"mode": "fit", **fit}, family="echo"),
+        Contender("echo_fixed", f"SpectralEcho fit: fixed soft sign, c_rel {ECHO_FIXED_C_REL:g}", "spectral_echo",
+                  {"mode": "fit", "c_rel": ECHO_FIXED_C_REL}, lr_from="echo", family="echo"),
+        Contender("echo_plateau", f"SpectralEcho plateau: rho every {protocol.echo_fit_every} x fixed soft sign",
+                  "spectral_echo", {"mode": "plateau", **fit}, family="echo"),
+        Contender("echo_reverb", f"SpectralEcho reverb_svd: reverb zeta every {protocol.echo_fit_every}",
+                  "spectral_echo", {"mode": "reverb_svd", **fit}, family="echo"),
     ]
     return {c.name: c for c in every}
 

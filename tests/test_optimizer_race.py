@@ -27,13 +27,15 @@ def test_specs_pair_seeds_and_keep_the_tune_seed_out():
     assert not set(protocol.seeds) & set(protocol.aa_seeds)
     grids = race.current_grids(protocol, contenders, "/nonexistent")
     tuned = {c.name for c in contenders if c.lr_from is None}
-    assert tuned == {"adamw", "muon", "echo"} | ({"normuon"} & set(names))  # the ORD variants take Muon's lr
+    # the ORD variants and the brake take Muon's lr, the fixed echo curve the fitted one's
+    assert tuned == {"adamw", "muon", "normuon", "echo", "echo_plateau", "echo_reverb"} and not left_out
     assert all(len(grid) >= 5 and grid == sorted(grid) for grid in grids.values())
     tune = race.tune_spec(protocol, contenders, grids, protocol.flags, "/tmp/x")
     assert {cfg["tag"] for cfg in tune["configs"]} == {f"{n}-lr{race.lr_text(lr)}" for n in tuned for lr in grids[n]}
     assert tune["seeds"] == [protocol.tune_seed]
 
-    chosen = {"adamw": 3e-3, "muon": 0.028, "echo": 0.04, "normuon": 0.02}
+    chosen = {"adamw": 3e-3, "muon": 0.028, "echo": 0.04, "normuon": 0.02, "echo_plateau": 0.057,
+              "echo_reverb": 0.04}
     chosen.update({c.name: chosen[c.lr_from] for c in contenders if c.lr_from})
     final = launch_sweep.expand_spec(race.final_spec(protocol, contenders, chosen, protocol.flags, "/tmp/x"), "f")
     assert {run.tag for run in final.runs} == {race.run_tag(n, chosen[n], s) for n in names for s in protocol.seeds}
@@ -51,7 +53,9 @@ def test_specs_pair_seeds_and_keep_the_tune_seed_out():
         if contender == "brake":
             assert cfg.optimizer == "spectral_ord" and args == {"brake_outward": 0.5}
         if contender == "echo_fixed":
-            assert cfg.optimizer == "spectral_echo" and args["c_rel"] == race.ECHO_FIXED_C_REL
+            assert cfg.optimizer == "spectral_echo" and args == {"mode": "fit", "c_rel": race.ECHO_FIXED_C_REL}
+        if contender.startswith("echo_") and contender != "echo_fixed":
+            assert args["fit_every"] == protocol.echo_fit_every and args["mode"] in ("plateau", "reverb_svd")
 
     all_tuned, _ = race.select_contenders(protocol, ["muon", "ord_gperp"], tune_all=True)
     assert all(c.lr_from is None for c in all_tuned)
