@@ -21,12 +21,13 @@ import torch
 class Hyperparameters:
     """Every field is a command-line flag (`--num-iterations 200`); presets set several at once."""
 
-    preset: str = "medium"  # one of PRESETS; without CUDA and no --preset given, cpu-tiny
+    preset: str = "medium"  # one of PRESETS; without CUDA and no --preset given, CPU_DEFAULT_PRESET
     run_id: str = ""  # log goes to <log_dir>/<run_id>.txt; default: a fresh uuid4
     log_dir: str = "logs"
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile the model (slow to compile on CPU)
+    cpu_threads: int = 0  # torch threads when the device is the CPU (0: torch's default, one per core)
 
     # data: shards in the format of data/shards.py
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
@@ -35,8 +36,9 @@ class Hyperparameters:
     seq_len: int = 64 * 1024  # tokens per training row (documents packed, masked per document)
     micro_batch_tokens: int = 64 * 1024  # tokens per rank per forward/backward
     batch_tokens: int = 8 * 64 * 1024  # tokens per optimizer step, all ranks; accumulation fills the gap
-    val_seq_len: int = 64 * 1024  # tokens per rank per validation forward (the record used 4x; memory-bound)
+    val_seq_len: int = 64 * 1024  # tokens per rank per val forward (the record used 4x; memory-bound); CPU: rows of seq_len
     align_to_bos: bool = True  # every training row starts at a document start
+    sample_rows: bool = False  # draw every training row at random (from --seed); off: read the shards in order
 
     # model (GPT-2 Medium of the 22.98-min record)
     vocab_size: int = 50304  # 50257 padded to a multiple of 128
@@ -91,26 +93,46 @@ class Hyperparameters:
     checkpoint_every: int = 0  # 0: no periodic checkpoints
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # path of a checkpoint directory to continue from
-    report_unigram: bool = False  # print the val loss of a unigram model of the same data at the end
+    report_baselines: bool = False  # print the val losses of unigram and bigram models of the same data at the end
     debug_crash_at_step: int = -1  # raise at this step (tests of crash handling); -1: off
 
 
 PRESETS: dict[str, dict] = {
     # The 22.98-min medium record recipe with Polar Express coefficients in Muon (the defaults above).
     "medium": {},
-    # A few million parameters that train on 2 CPU cores in under 3 minutes (demo data of data/prepare_demo_data.py).
-    "cpu-tiny": dict(
+    # The CPU research loop and demo (`python train_gpt.py` without CUDA): byte-level tokens of the shuffled demo
+    # corpus (`data/prepare_demo_data.py`, data/demo/bytes_*), so the hidden matrices (0.8M parameters) dominate
+    # the compute and the loss, not a 50,304-way head. 300 steps x 1,024 bytes in about 2 minutes on one thread.
+    "cpu-bytes": dict(
         device="cpu", compile=False,
+        cpu_threads=1,  # 128-wide matrices gain little from a 2nd thread; on a busy machine it was 4x slower
+        train_files="data/demo/bytes_train_*.bin", val_files="data/demo/bytes_val_*.bin",
+        vocab_size=256, bos_id=0,  # UTF-8 bytes 1..255; 0 marks a document start
+        val_tokens=32768, seq_len=128, micro_batch_tokens=1024, batch_tokens=1024, val_seq_len=4096,
+        align_to_bos=False,  # documents (1,000-5,000 bytes) are longer than a row: aligned rows would skip most text
+        sample_rows=True,  # independent rows: each 1,024-byte step (and micro-batch) mixes 8 documents
+        num_layers=4, model_dim=128, num_heads=4, head_dim=32,
+        num_value_embeds=1, skip_connections="1:2,0:3", mlp_only_layers="", long_window_layers="0,3",
+        max_window_tokens=128, window_block=32,
+        num_iterations=300, lr=0.02, embed_lr=0.1, head_lr=0.01, scalar_lr=0.01,
+        momentum_warmup_steps=60, warmup_steps=0, val_loss_every=50, print_every=25, report_baselines=True,
+    ),
+    # The same architecture on GPT-2 tokens of the demo corpus (data/demo/demo_*): 20M parameters, 19M of them in
+    # the three vocab tables, so the 50,304-way head takes most of the compute. Checks the GPT-2 path on a CPU.
+    "cpu-tiny": dict(
+        device="cpu", compile=False, cpu_threads=1,
         train_files="data/demo/demo_train_*.bin", val_files="data/demo/demo_val_*.bin",
         val_tokens=32768, seq_len=256, micro_batch_tokens=1024, batch_tokens=2048, val_seq_len=4096,
-        align_to_bos=False,  # the demo corpus is 49 whole books: BOS-aligned rows would only ever see their openings
+        align_to_bos=False,  # documents (300-1,500 tokens) are longer than a row: aligned rows would skip most text
+        sample_rows=True,  # independent rows: each step mixes 8 documents
         num_layers=4, model_dim=128, num_heads=4, head_dim=32,
         num_value_embeds=1, skip_connections="1:2,0:3", mlp_only_layers="", long_window_layers="0,3",
         max_window_tokens=256, window_block=32,
         num_iterations=150, lr=0.02, embed_lr=0.1, head_lr=0.01, scalar_lr=0.01,
-        momentum_warmup_steps=30, warmup_steps=0, val_loss_every=25, print_every=10, report_unigram=True,
+        momentum_warmup_steps=30, warmup_steps=0, val_loss_every=25, print_every=10, report_baselines=True,
     ),
 }
+CPU_DEFAULT_PRESET = "cpu-bytes"  # the preset of `python train_gpt.py` on a machine without CUDA
 
 
 def _parse_bool(text: str) -> bool:
@@ -139,7 +161,7 @@ def parse_config(argv: list[str] | None = None, cuda_available: bool | None = No
     if "preset" not in given:
         if cuda_available is None:
             cuda_available = torch.cuda.is_available()
-        given["preset"] = "medium" if cuda_available else "cpu-tiny"
+        given["preset"] = "medium" if cuda_available else CPU_DEFAULT_PRESET
     if given["preset"] not in PRESETS:
         parser.error(f"unknown preset {given['preset']!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[given["preset"]])
@@ -181,6 +203,26 @@ def parse_optimizer_args(text: str) -> dict:
     return out
 
 
+DATA_CHECK_TOKENS = 1 << 20  # tokens of the first shard compared with vocab_size before a run (2 MB read)
+
+
+def data_vocab_problems(name: str, path: str, vocab_size: int) -> list[str]:
+    """A problem if the first DATA_CHECK_TOKENS tokens of the shard at `path` hold an id >= vocab_size (data of
+    another tokenizer than the model's vocabulary); none for a file that is not a readable shard (the loader
+    reports those with their own messages)."""
+    from data.shards import ShardFormatError, read_shard
+
+    try:
+        head = read_shard(path)[:DATA_CHECK_TOKENS]
+    except (OSError, ShardFormatError):
+        return []
+    if head.size and int(head.max()) >= vocab_size:
+        return [f"{name}: {path} holds token id {int(head.max())}, but vocab_size is {vocab_size}; the data comes from "
+                f"another tokenizer than the model's (GPT-2 data needs vocab_size >= 50257: preset cpu-tiny or medium; "
+                f"byte data, bytes_*.bin: preset cpu-bytes)"]
+    return []
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work; raised before any training work starts."""
 
@@ -219,6 +261,8 @@ def validate_config(cfg: Hyperparameters, world_size: int) -> int:
             problems.append(f"{name} has layers {bad} outside 0..{cfg.num_layers - 1}")
     if cfg.num_iterations < 1:
         problems.append("num_iterations must be >= 1")
+    if cfg.cpu_threads < 0:
+        problems.append(f"cpu_threads must be >= 0 (0: torch's default), got {cfg.cpu_threads}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         problems.append(f"device must be auto, cuda or cpu, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -228,12 +272,17 @@ def validate_config(cfg: Hyperparameters, world_size: int) -> int:
         parse_optimizer_args(cfg.optimizer_args)
     except ValueError as exc:
         problems.append(str(exc))
+    if not 0 <= cfg.bos_id < cfg.vocab_size:
+        problems.append(f"bos_id ({cfg.bos_id}) must be a token id below vocab_size ({cfg.vocab_size})")
     if not cfg.resume:
         for name, pattern in (("train_files", cfg.train_files), ("val_files", cfg.val_files)):
-            if not glob.glob(pattern):
+            found = sorted(glob.glob(pattern))
+            if not found:
                 hint = ("python data/prepare_demo_data.py" if "demo" in pattern
                         else "python data/cached_fineweb10B.py 24")
                 problems.append(f"{name}: no file matches {pattern!r}; make the data first ({hint}) or pass --{name.replace('_', '-')}")
+            else:
+                problems += data_vocab_problems(name, found[0], cfg.vocab_size)
     elif not os.path.isdir(cfg.resume):
         problems.append(f"--resume {cfg.resume!r} is not a checkpoint directory")
     if problems:

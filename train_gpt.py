@@ -1,7 +1,7 @@
 """GPT-2 Medium speedrun training with pluggable matrix optimizers.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py              # medium track, 8x H100
-    python train_gpt.py --preset cpu-tiny                              # small, on a CPU
+    python train_gpt.py                                                # without CUDA: preset cpu-bytes
 
 The training loop lives here; the config and presets in config.py, the model in model.py, the step schedules
 in schedules.py, optimizers in optimizers/, orthogonalisation kernels in kernels/, the data format and loaders
@@ -207,6 +207,8 @@ def setup_distributed(cfg: Hyperparameters) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        if cfg.cpu_threads > 0:
+            torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, world_size, device
@@ -226,9 +228,12 @@ def evaluate(model, cfg: Hyperparameters, step: int, rank: int, world_size: int,
     model.eval()
     total, count = torch.zeros((), device=device), 0
     window = window_tokens_at(cfg, step)
+    # FlexAttention packs one row of val_seq_len tokens. The dense CPU path scores the same tokens as rows of the
+    # training length seq_len (when it divides val_seq_len), so every position has the context it had in training.
+    rows = 1 if use_flex or cfg.val_seq_len % cfg.seq_len else cfg.val_seq_len // cfg.seq_len
     with torch.no_grad(), autocast(device):
-        for inputs, targets in iter_val_batches(cfg.val_files, 1, cfg.val_seq_len, cfg.val_tokens, rank=rank,
-                                                world_size=world_size, device=device):
+        for inputs, targets in iter_val_batches(cfg.val_files, rows, cfg.val_seq_len // rows, cfg.val_tokens,
+                                                rank=rank, world_size=world_size, device=device):
             masks = model_masks(model, inputs, window, use_flex)
             total += model(inputs, targets, masks).float()
             count += 1
@@ -266,17 +271,38 @@ def optimizer_summary(opt) -> list[str]:
     return lines
 
 
+def baseline_lines(cfg: Hyperparameters, final_val_loss: float) -> list[str]:
+    """The final val loss against unigram and bigram models of the train tokens, scored on the same val tokens
+    (add-one smoothing over the model's vocab_size; see data.shards)."""
+    from data.shards import bigram_cross_entropy, unigram_cross_entropy
+
+    lines = []
+    for name, baseline in (("unigram", unigram_cross_entropy), ("bigram", bigram_cross_entropy)):
+        value = baseline(cfg.train_files, cfg.val_files, vocab_size=cfg.vocab_size, val_tokens=cfg.val_tokens)
+        lines.append(f"final val_loss {final_val_loss:.4f} vs {name} model of the same data {value:.4f} "
+                     f"({value - final_val_loss:.2f} nats lower)")
+    return lines
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def build_loader(cfg: Hyperparameters, rank: int, world_size: int, device):
+    """The training loader of a run: micro_batch_tokens / seq_len rows per micro-batch, drawn at random from
+    cfg.seed (sample_rows) or read in order."""
+    from data.shards import DistributedTokenLoader
+
+    return DistributedTokenLoader(cfg.train_files, cfg.micro_batch_tokens // cfg.seq_len, cfg.seq_len, rank=rank,
+                                  world_size=world_size, align_to_bos=cfg.align_to_bos, bos_id=cfg.bos_id,
+                                  device=device, sample_seed=cfg.seed if cfg.sample_rows else None)
 
 
 def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     """Runs the whole job. Returns {"val_losses": {step: loss}, "train_losses": {step: loss}, "log_path": ...}.
     status (optional) receives "log_path" as soon as it is known, so a caller can report a failure into the log."""
     status = {} if status is None else status
-    from data.shards import DistributedTokenLoader
-
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
     resume_meta = None
@@ -325,8 +351,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     rows = cfg.micro_batch_tokens // cfg.seq_len
     if use_flex and rows != 1:
         raise ConfigError(f"on CUDA each rank packs one row per micro-batch: set --seq-len {cfg.micro_batch_tokens}")
-    loader = DistributedTokenLoader(cfg.train_files, rows, cfg.seq_len, rank=rank, world_size=world_size,
-                                    align_to_bos=cfg.align_to_bos, bos_id=cfg.bos_id, device=device)
+    loader = build_loader(cfg, rank, world_size, device)
     step_model = torch.compile(model, dynamic=False) if cfg.compile else model
 
     def train_step(step: int, inputs_fn) -> torch.Tensor:
@@ -437,11 +462,9 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
                   f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     for line in optimizer_summary(optimizers[1]):
         log.write(line)
-    if cfg.report_unigram and master:
-        from data.shards import unigram_cross_entropy
-        unigram = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=50257)
-        log.write(f"final val_loss {val_losses[total]:.4f} vs unigram model of the same data {unigram:.4f} "
-                  f"({unigram - val_losses[total]:.2f} nats lower)")
+    if cfg.report_baselines and master:
+        for line in baseline_lines(cfg, val_losses[total]):
+            log.write(line)
     return dict(val_losses=val_losses, train_losses=train_losses, log_path=log_path, run_id=cfg.run_id)
 
 

@@ -455,8 +455,11 @@ class SpectralEcho(Muon):
             v0 = torch.stack([s.get("echo_top_vec", start) for s in states])  # (n_soft, *batch, N)
             cold = any("echo_top_vec" not in s for s in states)  # no warm start yet: iterate longer
             s_max, v = top_singular_value(X, v0, group["power_iters"] * (COLD_POWER_FACTOR if cold else 1))
-            for s, vi in zip(states, v):
-                s["echo_top_vec"] = vi
+            for s, vi, si in zip(states, v, s_max):
+                if bool((si > 0).all()):
+                    s["echo_top_vec"] = vi
+                else:  # a zero matrix (e.g. the first step's gradient under a zero head) gives no direction:
+                    s.pop("echo_top_vec", None)  # a zero warm start would stay zero; start the next step cold
             f_top = r0 + (1 - r0) * s_max / torch.sqrt(s_max * s_max + c_abs)
             F = F / f_top.clamp_min(1e-30)[..., None, None]
         if group["mode"] == "plateau":

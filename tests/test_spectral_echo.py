@@ -173,6 +173,25 @@ def test_soft_sign_update_matches_float64_svd(shape, c_rel):
     torch.testing.assert_close(top, torch.ones_like(top), rtol=5e-3, atol=0)
 
 
+def test_a_zero_gradient_step_does_not_break_the_next_update():
+    """A zero Muon input (the first step of a model with a zero-initialised head) gives the power iteration no
+    direction; the next, nonzero step must still get an update of spectral norm 1 (it had become inf)."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(3, 12, 18, generator=gen))
+    opt = SpectralEcho([p], lr=0.1, momentum=0.0, weight_decay=0.0, c_rel=0.01)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    g = torch.randn(3, 12, 18, generator=gen)
+    before = p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    update = (before - p.detach()) / 0.1
+    torch.testing.assert_close(torch.linalg.matrix_norm(update.double(), ord=2), torch.ones(3, dtype=torch.float64),
+                               rtol=5e-3, atol=0)
+    ref = svd_soft_update(g, 0.01)
+    assert float((update.double() - ref).abs().max()) < 2e-3 * float(ref.abs().max())
+
+
 def test_echo_bin_stats_match_cross_projection_and_binned_ratio():
     gen = torch.Generator().manual_seed(4)
     M, N = 18, 30
