@@ -58,14 +58,14 @@ def yarn_freqs(base_freqs: torch.Tensor, changes) -> torch.Tensor:
 
 def rotary_cos_sin(freqs: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (T, D/2) of position x frequency."""
-    theta = torch.outer(torch.arange(seq_len, device=freqs.device, dtype=torch.float32), freqs)
+    theta = torch.outer(torch.arange(seq_len, device=freqs.device, dtype=freqs.dtype), freqs)
     return theta.cos(), theta.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, H, D); pair i is (x[..., i], x[..., D/2 + i]), rotated by position x freqs[i]."""
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # bf16 -> fp32, fp64 stays
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 

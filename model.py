@@ -218,10 +218,10 @@ class GPT(nn.Module):
 def multi_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum over positions t and k < n of weights[k] * CE(logits[t], targets[t + k]) within each row (targets past
     the row's end are left out). logits (B, T, V), targets (B, T), weights (n,). Returns the sum (fp32)."""
-    T = targets.size(1)
+    T, dtype = targets.size(1), torch.promote_types(logits.dtype, torch.float32)  # sums at least in fp32
     log_normalizer = torch.logsumexp(logits, dim=-1)  # (B, T)
-    total = logits.new_zeros((), dtype=torch.float32)
+    total = logits.new_zeros((), dtype=dtype)
     for k in range(weights.numel()):
         picked = logits[:, :T - k].gather(-1, targets[:, k:].unsqueeze(-1)).squeeze(-1)  # (B, T - k)
-        total = total + weights[k] * (log_normalizer[:, :T - k] - picked).float().sum()
+        total = total + weights[k] * (log_normalizer[:, :T - k] - picked).to(dtype).sum()
     return total
