@@ -312,14 +312,20 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def preset_hint(cfg: Hyperparameters, name: str) -> str:
+    """'; preset P uses --name V' (the value to go back to), from the preset or the dataclass default."""
+    default = PRESETS.get(cfg.preset, {}).get(name, Hyperparameters.__dataclass_fields__[name].default)
+    return f"; preset {cfg.preset} uses {flag(name)} {default}"
+
+
 def _check_sizes(cfg: Hyperparameters) -> list[str]:
     problems = []
     for name in POSITIVE_INTS:
         if getattr(cfg, name) < 1:
-            problems.append(f"{flag(name)} must be a positive integer, got {getattr(cfg, name)}")
+            problems.append(f"{flag(name)} must be a positive integer, got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     for name in NON_NEGATIVE_INTS:
         if getattr(cfg, name) < 0:
-            problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+            problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     return problems
 
 
@@ -330,13 +336,13 @@ def _check_optimizers(cfg: Hyperparameters) -> list[str]:
     problems = []
     for name in LEARNING_RATES:
         if not getattr(cfg, name) >= 0:
-            problems.append(f"{flag(name)} must be >= 0 (a step size), got {getattr(cfg, name)}")
+            problems.append(f"{flag(name)} must be >= 0 (a step size), got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     for name in UNIT_INTERVAL:
         if not 0 <= getattr(cfg, name) < 1:
-            problems.append(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
+            problems.append(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     for name in ("adam_eps", "weight_decay", "mlp_weight_decay_mul", "final_lr_frac"):
         if not getattr(cfg, name) >= 0:
-            problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+            problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     if not 0 <= cfg.cooldown_frac <= 1:
         problems.append(f"--cooldown-frac must be in [0, 1], got {cfg.cooldown_frac}")
     try:

@@ -205,7 +205,13 @@ def load_checkpoint_meta(path: str) -> dict:
     if not os.path.exists(meta_path):
         raise ConfigError(f"{path} is not a complete checkpoint (no meta.json); pick another step directory")
     with open(meta_path) as f:
-        return json.load(f)
+        meta = json.load(f)
+    missing = {"step", "train_time_ms", "world_size", "config"} - set(meta)
+    unknown = set(meta.get("config", {})) - {f.name for f in dataclasses.fields(Hyperparameters)}
+    if missing or unknown:
+        raise ConfigError(f"{meta_path} lacks {sorted(missing)} or has unknown config fields {sorted(unknown)}: it was "
+                          "not written by this version of train_gpt.py; resume it with the version that wrote it")
+    return meta
 
 
 # -----------------------------------------------------------------------------------------------
