@@ -175,7 +175,9 @@ class CausalSelfAttention(nn.Module):
             wq, wk, wv, wo = qkv_scale * wq, qkv_scale * wk, qkv_scale * wv, o_scale * wo
         return wq, wk, wv, wo
 
-    def forward(self, x, value_embed, attn_mask, cos, sin, scale: float):  # x: (B, T, d), normed
+    def forward(self, x, value_embed, attn_mask, cos, sin, scale):
+        """x: (B, T, d), normed. scale: the softmax scale, a float or a 0-D tensor (a scheduled scale: folded into
+        q so that a compiled graph does not specialise on its value)."""
         B, T, _ = x.shape
         wq, wk, wv, wo = self.weights()
         q, k, v = (F.linear(x, w.type_as(x)).view(B, T, self.num_heads, self.head_dim) for w in (wq, wk, wv))
@@ -191,6 +193,8 @@ class CausalSelfAttention(nn.Module):
             v = v + 2 * torch.sigmoid(head_gate(x, self.value_gate)) * value_embed.view_as(v)
         elif self.value_mix is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
+        if isinstance(scale, torch.Tensor):
+            q, scale = q * scale, 1.0
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if isinstance(attn_mask, torch.Tensor):  # CPU path: dense boolean mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)

@@ -97,7 +97,7 @@ class GPT(nn.Module):
                              persistent=False)
         self.register_buffer("rotary_freqs", self.base_freqs.clone(), persistent=False)
         self.yarn_changes: tuple = ()
-        self.attn_scale = cfg.attn_scale or 1 / math.sqrt(cfg.head_dim)
+        self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale or 1 / math.sqrt(cfg.head_dim)), persistent=False)
         self.tied = False
         self.set_tied(cfg.tied_head_frac > 0)
 
@@ -112,7 +112,7 @@ class GPT(nn.Module):
         if schedule.yarn_changes != self.yarn_changes:
             self.rotary_freqs.copy_(yarn_freqs(self.base_freqs, schedule.yarn_changes))
             self.yarn_changes = schedule.yarn_changes
-        self.attn_scale = schedule.attn_scale
+        self.attn_scale.fill_(schedule.attn_scale)
         if self.cfg.tied_head_frac > 0 and schedule.tied != self.tied:
             self.set_tied(schedule.tied)
 

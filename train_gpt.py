@@ -364,6 +364,9 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         raise ConfigError(f"on CUDA each rank packs one row per micro-batch: set --seq-len {cfg.micro_batch_tokens} "
                           "or --pack-documents")
     loader = make_train_loader(cfg, rank, world_size, device)
+    if cfg.compile:  # one graph per schedule transition (batch size, MTP stage, tie state) and for validation
+        import torch._dynamo as dynamo
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     step_model = torch.compile(model, dynamic=False) if cfg.compile else model
     forwards, split_step = forwards_per_step(cfg), untie_step(cfg)
 
@@ -407,6 +410,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         t0 = time.perf_counter()
         for i in range(cfg.warmup_steps):
             train_step(i % max(cfg.num_iterations, 1), random_batch)
+            log.write(f"warm-up step {i}: {time.perf_counter() - t0:.1f}s")  # compile time shows at transitions
         model.load_state_dict(saved_model)
         for opt, state in zip(optimizers, saved_opts):
             opt.load_state_dict(state)
