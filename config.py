@@ -108,9 +108,11 @@ class Hyperparameters:
     momentum_warmup_start: float = 0.85  # momentum ramps from this to `momentum`
     momentum_warmup_steps: int = 300
     momentum_cooldown_steps: int = 0  # momentum falls back to momentum_warmup_start over the run's last steps
-    weight_decay: float = 0.0  # decoupled, x lr x per-group multiplier
+    weight_decay: float = 0.0  # matrix optimizer: decoupled, x lr x per-group multiplier (cautious: x lr^2 x lr_mul)
     mlp_weight_decay_mul: float = 2.0
-    matrix_lr_muls: str = ""  # per-role lr multipliers of the matrix optimizer: "attn=2,mlp_in=1,mlp_out=4,gate=0.1"
+    cautious_weight_decay: bool = False  # matrices and Adam decay only where update and weight agree in sign
+    matrix_lr_muls: str = ""  # per-role lr multipliers of the matrix optimizer: "attn=2,mlp_in=2,mlp_out=4,gate=0.1"
+    matrix_shape_scale: str = "muon"  # muon: lr x max(1, rows/cols)^0.5 x lr_mul; none: lr x lr_mul (record 18)
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
     value_embed_lr: float = 0.0  # 0: embed_lr
@@ -123,6 +125,10 @@ class Hyperparameters:
     scalar_beta1: float = 0.8  # Adam betas of the scalar group
     scalar_beta2: float = 0.95
     adam_eps: float = 1e-10
+    adam_weight_decay: float = 0.0  # on embeddings and head only (x the multipliers below)
+    embed_head_weight_decay_mul: float = 1.0  # input embedding and head
+    value_embed_weight_decay_mul: float = 1.0  # value embeddings and the second embedding
+    adam_step_every: int = 1  # Adam steps on every k-th step, on the summed gradients (record 18: 2, odd steps)
 
     # loop
     warmup_steps: int = 10  # untimed steps on random tokens to compile; model and optimizers restored after
@@ -137,8 +143,8 @@ class Hyperparameters:
 
 
 # Record 18 of the medium track (17.35 min, 4740 steps, 2025-12-31): train_gpt_medium.py at commit
-# d701163974e3e98d41b22aaece1cd2aa1ab41cd7 of KellerJordan/modded-nanogpt. Values are the record's; the lr
-# multipliers are re-expressed for this model's layout (see README.md, "Presets").
+# d701163974e3e98d41b22aaece1cd2aa1ab41cd7 of KellerJordan/modded-nanogpt. Values are the record's (README.md,
+# "Presets", lists what differs).
 MEDIUM_RECORD_18 = dict(
     # data: documents packed per rank from their BOS, each cut at 4096 tokens; validation 262,144 tokens per
     # rank per forward (the record's 2,097,152 over 8 ranks)
@@ -157,12 +163,15 @@ MEDIUM_RECORD_18 = dict(
     extension_window_blocks=23, final_window_blocks=27, yarn_max_window_blocks=13,
     mtp_weights="1,0.5,0.25", mtp_frac=0.25,
     momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_steps=300, momentum_cooldown_steps=50,
-    # optimizers: matrices lr 0.015 x (attention 2, MLP in 2, MLP out 4, gates 0.1) counting the shape factor
-    # max(1, rows/cols)^0.5 the matrix optimizers apply themselves; Adam 0.004 (value embeddings and the second
-    # embedding 0.3, one-output gates 4e-5, x0 lambdas 0.02), scalars 0.04 with betas 0.9/0.99
-    lr=0.015, matrix_lr_muls="attn=2,mlp_in=1,mlp_out=4,gate=0.1", mlp_weight_decay_mul=1.0,
+    # optimizers: NorMuon on the matrices, lr 0.015 x the record's products of shape factor and lr_mul (attention 2,
+    # MLP in 2, MLP out 4, per-head gates 0.1, stated whole: shape_scale none), cautious decay 1.2; Adam 0.004
+    # (value embeddings and the second embedding 0.3, one-output gates 4e-5, x0 lambdas 0.02), scalars 0.04 with
+    # betas 0.9/0.99, cautious decay 0.005 (x150 embedding and head, x5 value embeddings), stepping on odd steps
+    optimizer="normuon", lr=0.015, weight_decay=1.2, mlp_weight_decay_mul=1.0, cautious_weight_decay=True,
+    matrix_lr_muls="attn=2,mlp_in=2,mlp_out=4,gate=0.1", matrix_shape_scale="none",
     embed_lr=0.004, head_lr=0.004, value_embed_lr=0.3, second_embed_lr=0.3, gate_lr=4e-5, x0_lambda_lr=0.02,
     scalar_lr=0.04, adam_beta1=0.8, adam_beta2=0.95, scalar_beta1=0.9, scalar_beta2=0.99, adam_eps=1e-8,
+    adam_weight_decay=0.005, embed_head_weight_decay_mul=150.0, value_embed_weight_decay_mul=5.0, adam_step_every=2,
     val_loss_every=250,
 )
 
@@ -340,9 +349,14 @@ def _check_optimizers(cfg: Hyperparameters) -> list[str]:
     for name in UNIT_INTERVAL:
         if not 0 <= getattr(cfg, name) < 1:
             problems.append(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}{preset_hint(cfg, name)}")
-    for name in ("adam_eps", "weight_decay", "mlp_weight_decay_mul", "final_lr_frac"):
+    for name in ("adam_eps", "weight_decay", "mlp_weight_decay_mul", "final_lr_frac", "adam_weight_decay",
+                 "embed_head_weight_decay_mul", "value_embed_weight_decay_mul"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}{preset_hint(cfg, name)}")
+    if cfg.adam_step_every < 1:
+        problems.append(f"--adam-step-every must be >= 1 (1: every step), got {cfg.adam_step_every}")
+    if cfg.matrix_shape_scale not in ("muon", "none"):
+        problems.append(f"--matrix-shape-scale must be muon or none, got {cfg.matrix_shape_scale!r}")
     if not 0 <= cfg.cooldown_frac <= 1:
         problems.append(f"--cooldown-frac must be in [0, 1], got {cfg.cooldown_frac}")
     try:

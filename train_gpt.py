@@ -47,10 +47,11 @@ from schedules import lr_multiplier, momentum_at, window_tokens_at  # noqa: E402
 def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | None = None
                      ) -> list[torch.optim.Optimizer]:
     """[DistAdam, matrix optimizer]. Hidden matrices (model roles attn, mlp_in, mlp_out, gate) -> the chosen matrix
-    optimizer, one group per role with lr x its --matrix-lr-muls entry; embeddings, head, one-output gates and
-    scalars -> DistAdam, one group per role. Every parameter lands in exactly one group (asserted). Optimizers that
-    take `param_names` get the hidden matrices' names; those that write diagnostics get `diagnostics_path` unless
-    --optimizer-args sets one."""
+    optimizer, one group per role with group keys lr_mul (--matrix-lr-muls), shape_scale, cautious_weight_decay
+    and weight_decay_mul; embeddings, head, one-output gates and scalars -> DistAdam, one group per role with its
+    own lr (Adam weight decay on embeddings and head only). Every parameter lands in exactly one group (asserted).
+    Optimizers that take `param_names` get the hidden matrices' names; those that write diagnostics get
+    `diagnostics_path` unless --optimizer-args sets one."""
     from optimizers import DistAdam, get_optimizer_class
 
     roles = model.parameter_roles()
@@ -58,27 +59,36 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | N
     def params(role: str) -> list[torch.nn.Parameter]:
         return [p for _, p in roles.get(role, [])]
 
-    adam_groups = [dict(params=params("embed"), lr=cfg.embed_lr),
-                   dict(params=params("value_embed"), lr=cfg.value_embed_lr or cfg.embed_lr),
-                   dict(params=params("second_embed"), lr=cfg.second_embed_lr),
-                   dict(params=params("head"), lr=cfg.head_lr),
-                   dict(params=params("vector_gate"), lr=cfg.gate_lr),
-                   dict(params=params("x0_lambda"), lr=cfg.x0_lambda_lr or cfg.scalar_lr),
-                   dict(params=params("scalar"), lr=cfg.scalar_lr, betas=(cfg.scalar_beta1, cfg.scalar_beta2))]
+    embed_decay, value_decay = cfg.embed_head_weight_decay_mul, cfg.value_embed_weight_decay_mul
+    adam_groups = [dict(params=params("embed"), lr=cfg.embed_lr, weight_decay_mul=embed_decay),
+                   dict(params=params("value_embed"), lr=cfg.value_embed_lr or cfg.embed_lr, weight_decay_mul=value_decay),
+                   dict(params=params("second_embed"), lr=cfg.second_embed_lr, weight_decay_mul=value_decay),
+                   dict(params=params("head"), lr=cfg.head_lr, weight_decay_mul=embed_decay),
+                   dict(params=params("vector_gate"), lr=cfg.gate_lr, weight_decay_mul=0.0),
+                   dict(params=params("x0_lambda"), lr=cfg.x0_lambda_lr or cfg.scalar_lr, weight_decay_mul=0.0),
+                   dict(params=params("scalar"), lr=cfg.scalar_lr, betas=(cfg.scalar_beta1, cfg.scalar_beta2),
+                        weight_decay_mul=0.0)]
+    matrix_cls = get_optimizer_class(cfg.optimizer)
+    accepted = inspect.signature(matrix_cls.__init__).parameters
     lr_muls = parse_matrix_lr_muls(cfg.matrix_lr_muls)
-    matrix_groups = [dict(params=params(role), lr=cfg.lr * lr_muls[role],
-                          weight_decay_mul=cfg.mlp_weight_decay_mul if role.startswith("mlp") else 1.0)
-                     for role in MATRIX_ROLES]
+    matrix_groups = []
+    for role in MATRIX_ROLES:
+        group = dict(params=params(role), lr_mul=lr_muls[role], shape_scale=cfg.matrix_shape_scale,
+                     cautious_weight_decay=cfg.cautious_weight_decay,
+                     weight_decay_mul=cfg.mlp_weight_decay_mul if role.startswith("mlp") else 1.0)
+        if role == "gate" and "neuron_axis" in accepted:  # one neuron per head: (heads, gate_dims), as the record
+            group["neuron_axis"] = "rows"
+        matrix_groups.append(group)
     adam_groups = [g for g in adam_groups if g["params"]]
     matrix_groups = [g for g in matrix_groups if g["params"]]
     grouped = [p for g in adam_groups + matrix_groups for p in g["params"]]
     assert len({id(p) for p in grouped}) == len(grouped) == len(list(model.parameters())), \
         "every parameter must land in exactly one optimizer group"
 
-    adam = DistAdam(adam_groups, lr=cfg.scalar_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    matrix_cls = get_optimizer_class(cfg.optimizer)
+    adam = DistAdam(adam_groups, lr=cfg.scalar_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                    weight_decay=cfg.adam_weight_decay, cautious_weight_decay=cfg.cautious_weight_decay,
+                    step_every=cfg.adam_step_every)
     kwargs = parse_optimizer_args(cfg.optimizer_args)
-    accepted = inspect.signature(matrix_cls.__init__).parameters
     if "param_names" in accepted:
         kwargs.setdefault("param_names", [name for role in MATRIX_ROLES for name, _ in roles.get(role, [])])
     if "diagnostics_path" in accepted and kwargs.get("diagnostics_every", 0) and diagnostics_path:

@@ -87,14 +87,15 @@ def test_two_processes_reproduce_one_process(uninterrupted, shards, tmp_path):
 
 @pytest.mark.slow
 def test_killed_after_untie_and_resumed_before_it_is_bit_identical(uninterrupted, shards, tmp_path):
-    """Checkpoint at step 4 (tied), crash at step 8 (split since step 6), resume from step 4: the same floats."""
-    killed = config(shards, tmp_path, "--run-id", "killed", "--checkpoint-every", "4", "--debug-crash-at-step", "8")
+    """Checkpoints at steps 3 and 6, crash at step 8 (split since step 6), resume from step 3 (tied, and between
+    the two calls of an odd-step Adam step: step 2's gradient waits in the checkpoint): the same floats."""
+    killed = config(shards, tmp_path, "--run-id", "killed", "--checkpoint-every", "3", "--debug-crash-at-step", "8")
     with pytest.raises(RuntimeError, match="debug crash"):
         train_gpt.train(killed)
-    checkpoint = tmp_path / "ckpt" / "killed" / "step_000004"
-    assert (checkpoint / "meta.json").exists()
+    checkpoint = tmp_path / "ckpt" / "killed" / "step_000003"
+    assert (checkpoint / "meta.json").exists() and (tmp_path / "ckpt" / "killed" / "step_000006").exists()
     resumed = train_gpt.train(config(shards, tmp_path, "--resume", str(checkpoint)))
-    assert sorted(resumed["train_losses"]) == list(range(5, STEPS + 1))
+    assert sorted(resumed["train_losses"]) == list(range(4, STEPS + 1))
     for step, loss in resumed["train_losses"].items():
         assert loss == uninterrupted["train_losses"][step], step
     assert resumed["val_losses"][10] == uninterrupted["val_losses"][10]
@@ -116,4 +117,6 @@ def test_checkpoint_after_the_split_holds_the_embedding_and_its_adam_state(shard
     adam = train_gpt.build_optimizers(model, cfg)[0]
     adam.load_state_dict(torch.load(checkpoint / "rank0.pt", weights_only=False)["optimizers"][0])
     embed, head = adam.state[model.embed.weight], adam.state[model.head.weight]
-    assert embed["step"] == head["step"] == 7 and not torch.equal(embed["exp_avg"], head["exp_avg"])
+    # Adam stepped on steps 1, 3 (then the split) and 5; step 6's gradient waits in the state for step 7
+    assert embed["step"] == head["step"] == 3 and not torch.equal(embed["exp_avg"], head["exp_avg"])
+    assert "held_grad" in embed and "held_grad" in head
