@@ -177,9 +177,10 @@ MEDIUM_RECORD_18 = dict(
 
 PRESETS: dict[str, dict] = {
     "medium": MEDIUM_RECORD_18,
-    # Record 8 of the medium track (24.50 min, 5960 steps, 04/22/25; the script in
-    # records/track_2_medium/2025-11-12_BlockMaskRedundantOp/ of KellerJordan/modded-nanogpt is that recipe plus a
-    # one-line mask change): the defaults above with the record's Muon weight decay 0.01 (x2 on the MLP). Known
+    # Record 8 of the medium track (24.50 min, 5960 steps, 04/22/25): the recipe of
+    # records/track_2_medium/2025-11-12_BlockMaskRedundantOp/train_gpt_medium.py of KellerJordan/modded-nanogpt
+    # (file version at commit 152abbcbeef7f714a5b1181668dace4d97fa4a52: record 8 plus a one-line mask change),
+    # the previous `medium`: the defaults above with the record's Muon weight decay 0.01 (x2 on the MLP). Known
     # differences from record 8: BOS-aligned rows (the record had none), validation 65,536 tokens per rank per
     # forward (the record: 262,144), token-level windows (the record: whole 128-token blocks).
     "medium-r8": dict(weight_decay=0.01),
