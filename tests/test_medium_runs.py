@@ -4,7 +4,6 @@ The runs use a 512-token vocabulary on synthetic documents (the recipe does not 
 GPT-2-sized tables would make each step seconds) and 20 steps (19 scheduled + 1 extension), which still cross
 every batch, window, MTP and untie transition (checked below)."""
 import math
-import os
 
 import numpy as np
 import pytest
