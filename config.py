@@ -428,6 +428,10 @@ def _check_schedules(cfg: Hyperparameters, world_size: int) -> list[str]:
             f"--micro-batch-tokens that divides it")
     if not cfg.pack_documents and cfg.micro_batch_tokens % cfg.seq_len:
         problems.append(f"micro_batch_tokens ({cfg.micro_batch_tokens}) must be a multiple of seq_len ({cfg.seq_len})")
+    uses_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if uses_cuda and not cfg.pack_documents and cfg.micro_batch_tokens != cfg.seq_len:
+        problems.append(f"on CUDA each rank packs one row per forward (FlexAttention): set --seq-len "
+                        f"{cfg.micro_batch_tokens} or --pack-documents")
     val_per_step = world_size * cfg.val_seq_len
     if cfg.val_tokens % val_per_step:
         valid = max(1, cfg.val_tokens // val_per_step) * val_per_step

@@ -198,12 +198,22 @@ class GPT(nn.Module):
         if not self.training:
             return self.eval_loss(x, targets)
         logits = self.head(x)
-        logits = self.softcap(logits if self.cfg.bf16_cross_entropy else logits.float())
+        if not self.cfg.bf16_cross_entropy:
+            return self.train_loss(self.softcap(logits.float()), targets, mtp_weights)
+        with torch.autocast(logits.device.type, enabled=False):  # autocast would take cross-entropy to fp32
+            return self.train_loss(self.softcap(logits), targets, mtp_weights)
+
+    def train_loss(self, logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor | None):
+        """Loss of soft-capped logits (B, T, V) in their dtype; per-token losses are summed in fp32 at least."""
         if mtp_weights is not None and mtp_weights.numel() > 1:
             loss = multi_token_loss(logits, targets, mtp_weights)
-            return loss if self.cfg.sum_train_loss else loss / targets.numel()
-        flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
-        return F.cross_entropy(flat_logits, flat_targets, reduction="sum" if self.cfg.sum_train_loss else "mean")
+        elif logits.dtype == torch.bfloat16:
+            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            loss = losses.float().sum()
+        else:
+            flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+            return F.cross_entropy(flat_logits, flat_targets, reduction="sum" if self.cfg.sum_train_loss else "mean")
+        return loss if self.cfg.sum_train_loss else loss / targets.numel()
 
     def eval_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x, targets = x.flatten(0, 1), targets.reshape(-1)

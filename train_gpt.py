@@ -369,10 +369,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     # optimizers that estimate gradient noise (spectral_echo) take each micro-batch's gradient as a replicate
     record_replicate = getattr(optimizers[1], "add_replicate_gradients", None)
     use_flex = device.type == "cuda"
-    rows = 1 if cfg.pack_documents else cfg.micro_batch_tokens // cfg.seq_len  # rows per forward
-    if use_flex and rows != 1:
-        raise ConfigError(f"on CUDA each rank packs one row per micro-batch: set --seq-len {cfg.micro_batch_tokens} "
-                          "or --pack-documents")
+    rows = 1 if cfg.pack_documents else cfg.micro_batch_tokens // cfg.seq_len  # rows per forward (1 on CUDA)
     loader = make_train_loader(cfg, rank, world_size, device)
     if cfg.compile:  # one graph per schedule transition (batch size, MTP stage, tie state) and for validation
         import torch._dynamo as dynamo

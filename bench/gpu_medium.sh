@@ -18,7 +18,8 @@
 # Environment:
 #   GPU_MEDIUM_CPU=1       rehearse the same script on the CPU before the GPU call: a d=64 model with the medium-tiny
 #                          batch sizes and windows, no compile, 2 warm-up steps (default OUT_DIR: a temp dir)
-#   GPU_MEDIUM_TIMEOUT=S   time limit of the training run in seconds (default 270); the summary is written anyway
+#   GPU_MEDIUM_TIMEOUT=S   time limit of the training run in seconds (default 270; 900 for the rehearsal); the
+#                          summary is written anyway
 #   GPU_MEDIUM_ARGS="..."  extra train_gpt.py flags, appended last (e.g. "--optimizer muon")
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,7 @@ fi
 
 cpu=${GPU_MEDIUM_CPU:-0}
 limit=${GPU_MEDIUM_TIMEOUT:-270}
+[ "$cpu" = "1" ] && limit=${GPU_MEDIUM_TIMEOUT:-900}  # the rehearsal is slower on a shared CPU; the limit is for GPU time
 if [ "$cpu" = "1" ]; then
   device=cpu-rehearsal
   out=${2:-${TMPDIR:-/tmp}/gpu_medium_smoke_cpu}

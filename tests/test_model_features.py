@@ -210,12 +210,18 @@ def test_training_loss_mtp_sum_and_bf16_cross_entropy():
     assert model(idx, targets, masks).item() == pytest.approx(plain.item() / targets.numel(), rel=1e-5)
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 head output: loss on the bf16 soft-capped logits
-        x = model.hidden_states(idx, masks)
-        head = model.head(x)
+        head = model.head(model.hidden_states(idx, masks))
         bf16_loss = model(idx, targets, masks)
     assert head.dtype == torch.bfloat16
-    reference = F.cross_entropy(model.softcap(head)[0].float(), targets[0], reduction="sum")
+    capped = model.softcap(head)[0]  # outside autocast: bf16 in, bf16 out
+    assert capped.dtype == torch.bfloat16
+    reference = F.cross_entropy(capped, targets[0], reduction="none").float().sum()
     assert bf16_loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    fp32 = F.cross_entropy(model.softcap(head[0].float()), targets[0], reduction="sum")
+    assert bf16_loss.item() != fp32.item()  # not the fp32 loss autocast would have computed
+    model.cfg.bf16_cross_entropy = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(idx, targets, masks).item() == pytest.approx(fp32.item(), rel=1e-6)
 
 
 def test_tied_embedding_then_untie_with_adam_state():
