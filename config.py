@@ -187,7 +187,8 @@ PRESETS: dict[str, dict] = {
     # `medium` with every record-18 feature on at CPU size (demo data, 16 layers of d=64, no compile). Every stage
     # is a share of the scheduled steps, so a 40-step run crosses each batch, window, MTP and untie transition:
     # 38 scheduled + 2 extension steps, windows in 16-token blocks (the record's block counts), tokens/step 256 ->
-    # 1024 in the record's ratios over 2 forwards per step.
+    # 1024 in the record's ratios over 2 forwards per step. The step counts that are not shares stay fixed when
+    # --num-iterations changes: 2 extension steps, momentum warm-up 3 and cool-down 2.
     "medium-tiny": {
         **MEDIUM_RECORD_18,
         **dict(
