@@ -418,7 +418,7 @@ def _check_model(cfg: Hyperparameters) -> list[str]:
     return problems
 
 
-def _check_schedules(cfg: Hyperparameters, world_size: int) -> list[str]:
+def _check_schedules(cfg: Hyperparameters, world_size: int, check_device: bool) -> list[str]:
     problems = []
     per_step = world_size * cfg.micro_batch_tokens
     if cfg.batch_tokens % per_step:
@@ -429,7 +429,7 @@ def _check_schedules(cfg: Hyperparameters, world_size: int) -> list[str]:
             f"--micro-batch-tokens that divides it")
     if not cfg.pack_documents and cfg.micro_batch_tokens % cfg.seq_len:
         problems.append(f"micro_batch_tokens ({cfg.micro_batch_tokens}) must be a multiple of seq_len ({cfg.seq_len})")
-    uses_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    uses_cuda = check_device and (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()))
     if uses_cuda and not cfg.pack_documents and cfg.micro_batch_tokens != cfg.seq_len:
         problems.append(f"on CUDA each rank packs one row per forward (FlexAttention): set --seq-len "
                         f"{cfg.micro_batch_tokens} or --pack-documents")
@@ -483,16 +483,17 @@ def check_shards(pattern: str, name: str, min_tokens: int = 0) -> list[str]:
     return []
 
 
-def validate_config(cfg: Hyperparameters, world_size: int, check_data: bool = True) -> int:
-    """Checks everything that can be checked before work starts (check_data=False: everything but the data files).
-    Raises ConfigError listing every problem with its fix. Returns gradient-accumulation steps per optimizer step."""
+def validate_config(cfg: Hyperparameters, world_size: int, check_data: bool = True, check_device: bool = True) -> int:
+    """Checks everything that can be checked before work starts; check_data=False skips the data files,
+    check_device=False every question to CUDA (--dry-run). Raises ConfigError listing every problem with its fix.
+    Returns gradient-accumulation steps per optimizer step."""
     problems = _check_sizes(cfg)
     if not problems:  # the checks below divide by these sizes
-        problems += _check_model(cfg) + _check_schedules(cfg, world_size)
+        problems += _check_model(cfg) + _check_schedules(cfg, world_size, check_device)
     problems += _check_optimizers(cfg)
     if cfg.device not in ("auto", "cuda", "cpu"):
         problems.append(f"device must be auto, cuda or cpu, got {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if check_device and cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("device cuda was asked for but torch sees no CUDA device; use --device cpu (or a CPU preset)")
     if cfg.resume and not os.path.isdir(cfg.resume):
         problems.append(f"--resume {cfg.resume!r} is not a checkpoint directory")

@@ -506,7 +506,7 @@ def dry_run(cfg: Hyperparameters) -> int:
     after the checks that need no data; reads no data and touches no GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
-        accum_steps = validate_config(cfg, world_size, check_data=False)
+        accum_steps = validate_config(cfg, world_size, check_data=False, check_device=False)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
