@@ -99,11 +99,13 @@ PROTOCOLS: dict[str, Protocol] = {
         max_parallel=2,
     ),
     # gpu-1: the medium model on FineWeb on any single GPU: 300 steps x 262,144 tokens (4 x 64K micro-batches).
+    # The record-8 recipe with no weight decay (what `medium` meant when this protocol was written; the record-18
+    # `medium` changes the batch size with the step).
     "gpu-1": Protocol(
         name="gpu-1",
         description="medium model, FineWeb, 300 steps x 262,144 tokens (4 x 64K micro-batches) on one GPU, "
                     "val on 1,048,576 tokens every 50 steps",
-        flags=dict(preset="medium", batch_tokens=262144, num_iterations=300, val_loss_every=50,
+        flags=dict(preset="medium-r8", weight_decay=0.0, batch_tokens=262144, num_iterations=300, val_loss_every=50,
                    val_tokens=1048576, momentum_warmup_steps=15, print_every=25),
         lr_grids={"adamw": [3e-4, 6e-4, 1e-3, 2e-3, 3e-3], "muon": [0.01, 0.015, 0.025, 0.04, 0.06]},
         target=4.0, cpu=False, diagnostics_every=25, echo_fit_every=25, timing_steps=25,
@@ -743,7 +745,7 @@ def _timing_state(c: Contender, lr: float, flags: dict) -> dict:
     torch.manual_seed(cfg.seed)
     model = train_gpt.GPT(cfg).to(device)
     opts = train_gpt.build_optimizers(model, cfg)
-    loader = train_gpt.build_loader(cfg, rank=0, world_size=1, device=device)
+    loader = train_gpt.make_train_loader(cfg, rank=0, world_size=1, device=device)
     step_model = torch.compile(model, dynamic=False) if cfg.compile else model
     return dict(cfg=cfg, accum=accum, device=device, model=model, step_model=step_model, opts=opts, loader=loader)
 

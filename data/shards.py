@@ -401,6 +401,110 @@ class DistributedTokenLoader:
         self._load_current_shard()
 
 
+class PackedDocumentLoader:
+    """Training batches of whole documents packed into one row per rank (record 18's loader).
+
+    Documents are the spans from one BOS token to the next, each cut to at most max_doc_tokens tokens (the rest
+    of a longer document is skipped). next_batch(tokens) walks world_size consecutive runs of documents from the
+    stream; run r (rank r's) takes documents until it holds exactly tokens + 1 tokens, cutting its last document
+    short, and the next run starts at the next document. Inputs are run[:-1], targets run[1:], so every row starts
+    at a BOS and attention can be masked per document. All ranks keep the same cursor, and a world size that
+    divides the forwards per step sees the same runs (1 process x 2 calls = 2 processes x 1 call). `tokens` may
+    change between calls (batch-size schedule). When the current shard has too few documents left for a whole
+    call, the call starts again at the first document of the next shard (cycling, epoch += 1 after the last,
+    with a warning the first time). BOS positions of a shard are indexed when the shard is opened.
+    """
+
+    def __init__(self, pattern: str, rank: int = 0, world_size: int = 1, max_doc_tokens: int = 4096,
+                 bos_id: int = GPT2_BOS_ID, device: str | torch.device = "cpu"):
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        self.max_doc_tokens = _check_positive_int("max_doc_tokens", max_doc_tokens)
+        if not 0 <= int(bos_id) < 2**16:
+            raise ValueError(f"bos_id must be a token id in [0, 65536), got {bos_id!r}.")
+        self.bos_id = int(bos_id)
+        self.device = _as_device(device)
+        self.pattern = os.fspath(pattern)
+        self.paths = list_shards(self.pattern)
+        self.counts = [read_header(p) for p in self.paths]  # checks every header up front
+        self.shard_index = 0
+        self.doc_index = 0  # next document of the current shard
+        self.epoch = 0
+        self._warned_wrap = False
+        self._tokens: np.ndarray | None = None
+        self._bos = np.zeros(0, dtype=np.int64)
+
+    def _open_shard(self) -> None:
+        self._tokens = read_shard(self.paths[self.shard_index])
+        self._bos = np.flatnonzero(np.asarray(self._tokens) == self.bos_id)
+
+    def _next_shard(self) -> None:
+        self.shard_index, self.doc_index = self.shard_index + 1, 0
+        if self.shard_index == len(self.paths):
+            self.shard_index, self.epoch = 0, self.epoch + 1
+        self._open_shard()
+
+    def _take_run(self, doc: int, length: int) -> tuple[list[tuple[int, int]], int] | None:
+        """Spans [(start, end)] of documents from `doc` on that hold exactly `length` tokens, and the next
+        document; None if the shard ends first."""
+        spans, held = [], 0
+        while held < length:
+            if doc >= len(self._bos):
+                return None
+            start = int(self._bos[doc])
+            doc_end = int(self._bos[doc + 1]) if doc + 1 < len(self._bos) else len(self._tokens)
+            end = min(doc_end, start + self.max_doc_tokens, start + length - held)
+            spans.append((start, end))
+            held += end - start
+            doc += 1
+        return spans, doc
+
+    def next_batch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets): int64 tensors of shape (1, tokens) on the loader's device."""
+        tokens = _check_positive_int("tokens", tokens)
+        if self._tokens is None:
+            self._open_shard()
+        for _ in range(len(self.paths) + 1):
+            runs, doc = [], self.doc_index
+            for _ in range(self.world_size):
+                taken = self._take_run(doc, tokens + 1)
+                if taken is None:
+                    break
+                spans, doc = taken
+                runs.append(spans)
+            if len(runs) == self.world_size:
+                break
+            self._next_shard()
+        else:
+            raise ValueError(f"no shard matching {self.pattern!r} holds {self.world_size} x {tokens + 1} tokens of "
+                             f"documents starting at BOS (id {self.bos_id}); use fewer tokens per forward or more data.")
+        self.doc_index = doc
+        if self.epoch > 0 and not self._warned_wrap:
+            self._warned_wrap = True
+            warnings.warn(f"PackedDocumentLoader: reached the end of the {len(self.paths)} shard(s) matching "
+                          f"{self.pattern!r} and started again from the first (epoch {self.epoch}); data now repeats.",
+                          RuntimeWarning, stacklevel=2)
+        row = np.concatenate([self._tokens[a:b] for a, b in runs[self.rank]])
+        return _to_device(row[None], self.device)
+
+    def state_dict(self) -> dict:
+        return {"format": "PackedDocumentLoader/1", "shards": [os.path.basename(p) for p in self.paths],
+                "shard_index": self.shard_index, "doc_index": self.doc_index, "epoch": self.epoch,
+                "max_doc_tokens": self.max_doc_tokens, "bos_id": self.bos_id, "warned_wrap": self._warned_wrap}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the shard file names and document settings must be the same."""
+        if state.get("format") != "PackedDocumentLoader/1":
+            raise ValueError(f"not a PackedDocumentLoader state (format {state.get('format')!r}).")
+        names = [os.path.basename(p) for p in self.paths]
+        if names != list(state["shards"]) or state["max_doc_tokens"] != self.max_doc_tokens \
+                or state["bos_id"] != self.bos_id:
+            raise ValueError(f"the shards matching {self.pattern!r} or the document settings differ from the saved "
+                             "run; an exact resume needs the same files, --max-doc-tokens and --bos-id.")
+        self.shard_index, self.doc_index = int(state["shard_index"]), int(state["doc_index"])
+        self.epoch, self._warned_wrap = int(state["epoch"]), bool(state["warned_wrap"])
+        self._open_shard()
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation and baselines
 

@@ -626,7 +626,7 @@ def test_demo_rows_mix_books_and_val_shares_no_document(demo_data_dir, preset):
     assert entry["val_tokens"] >= 65536 and len(set(books["val"].tolist())) >= 30
 
     cfg.train_files = os.path.join(demo_data_dir, entry["train_pattern"])
-    loader = train_gpt.build_loader(cfg, 0, 1, "cpu")
+    loader = train_gpt.make_train_loader(cfg, 0, 1, "cpu")
     _, counts = stream_of(demo_data_dir, entry["train_pattern"])
     shard_offsets = np.concatenate([[0], np.cumsum(counts)])
     rows = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import model
+import attention
 import schedules
 import train_gpt
 from config import Hyperparameters, parse_config
@@ -139,11 +139,12 @@ def test_schedules_closed_forms():
 
 
 def test_attention_mask_is_causal_same_document_and_windowed():
+    """A window of W tokens: the query and the W positions before it (FlashAttention's window_size=(W, 0))."""
     doc_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
-    mask = model.dense_attention_mask(doc_ids, torch.tensor(2))
+    mask = attention.dense_attention_mask(doc_ids, torch.tensor(2))
     for q in range(8):
         for k in range(8):
-            expected = k <= q and doc_ids[q] == doc_ids[k] and q - k < 2
+            expected = k <= q and doc_ids[q] == doc_ids[k] and q - k <= 2
             assert bool(mask[q, k]) == bool(expected)
 
 
@@ -158,9 +159,9 @@ def test_flex_attention_path_matches_sdpa_path():
     idx = torch.randint(0, 50000, (1, 128))
     idx[0, [0, 37, 90]] = cfg.bos_id
     with torch.no_grad():
-        dense = model(idx, None, model.attention_masks(idx, 48, use_flex=False))
+        dense = model(idx, None, model.attention_masks(idx, 48, 24, use_flex=False))
         try:
-            flex = model(idx, None, model.attention_masks(idx, 48, use_flex=True))
+            flex = model(idx, None, model.attention_masks(idx, 48, 24, use_flex=True))
         except (NotImplementedError, RuntimeError) as exc:
             pytest.skip(f"FlexAttention forward unavailable on this CPU build: {exc}")
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
@@ -180,7 +181,7 @@ def test_every_feature_switch_trains(switch):
     idx = torch.randint(0, 50000, (2, 65))
     losses = []
     for _ in range(3):
-        loss = model(idx[:, :-1], idx[:, 1:], model.attention_masks(idx[:, :-1], 64, use_flex=False))
+        loss = model(idx[:, :-1], idx[:, 1:], model.attention_masks(idx[:, :-1], 64, 32, use_flex=False))
         loss.backward()
         for opt in optimizers:
             opt.step()
