@@ -337,7 +337,8 @@ SCENARIOS = ["muon", "muon_plain", "adam", "adamw_matrix", "normuon", "muon_caut
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    return run_torchrun(str(tmp_path_factory.mktemp("dist_optim")), SCENARIOS)
+    # one launch for every scenario: the optimizer scenarios and the tiny-model overlap runs
+    return run_torchrun(str(tmp_path_factory.mktemp("dist_optim")), SCENARIOS + list(load_worker().MODEL_SCENARIOS))
 
 
 @pytest.mark.slow
@@ -352,3 +353,76 @@ def test_two_ranks_match_single_process_on_averaged_grads(two_rank_results, scen
     # the run moved the parameters (a no-op optimizer would also make the ranks agree)
     initial = worker.make_params(worker.shapes_for(scenario))
     assert all(not torch.allclose(p, w) for p, w in zip(rank0, initial))
+
+
+# ---- overlap: DistAdam reduces inside backward, the matrix optimizer launches before Adam's step ----------
+# Adam's embed/head group steps on calls 1, 3, 5 (step_every=2); on those steps the hooks of embed, head, gain
+# and mix fire (unused never gets a gradient), on the others only gain and mix.
+HOOKED_PER_STEP = [2, 4, 2, 4, 2, 4]
+
+
+def test_overlap_at_world_size_1_is_bit_identical():
+    worker = load_worker()
+    batches = [(0, 0), (0, 1), (0, 2)]
+    plain = worker.run_model_scenario(False, batches)
+    overlapped = worker.run_model_scenario(True, batches)
+    assert overlapped["started_in_backward"] == HOOKED_PER_STEP and plain["started_in_backward"] == [0] * 6
+    assert torch.equal(plain["losses"], overlapped["losses"])
+    for a, b in zip(plain["params"], overlapped["params"]):
+        assert torch.equal(a, b)
+    initial = list(worker.TinyLM().parameters())
+    assert all(not torch.equal(p, w) for p, w in zip(plain["params"], initial))  # `unused`: weight decay alone
+    assert plain["losses"][-1] < plain["losses"][0]
+
+
+def test_matrix_launch_reductions_rules():
+    a, b = params_like([torch.randn(6, 4), torch.randn(6, 4)])
+    opt = Muon([a, b], lr=0.1)
+    set_grads([a, b], [torch.randn(6, 4), torch.randn(6, 4)])
+    opt.launch_reductions()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.launch_reductions()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(lambda: None)
+    opt.step()  # consumes the launched reductions; a later step launches its own
+    opt.step()
+    assert opt.param_groups[0]["step"] == 2
+
+
+def test_dist_adam_hooks_must_be_registered_and_armed_once_per_step():
+    worker = load_worker()
+    model = worker.TinyLM()
+    adam, _ = worker.model_optimizers(model)
+    with pytest.raises(RuntimeError, match="register_grad_hooks"):
+        adam.arm_grad_hooks()
+    adam.register_grad_hooks()
+    adam.arm_grad_hooks()
+    model(worker.model_batch(0, 0, 0)).backward()
+    assert adam.reductions_in_flight() == 2  # gain and mix: the embed/head group skips this call
+    with pytest.raises(RuntimeError, match="LAST micro-batch"):
+        model(worker.model_batch(0, 0, 1)).backward()  # armed too early: a second backward re-fires the hooks
+    adam.remove_grad_hooks()
+    model.zero_grad(set_to_none=True)
+    model(worker.model_batch(0, 0, 1)).backward()  # no hooks: nothing starts
+    assert adam.reductions_in_flight() == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_overlapped_equals_plain_and_single_process(two_rank_results):
+    worker = load_worker()
+    ranks = [{name: r[name] for name in worker.MODEL_SCENARIOS} for r in two_rank_results]
+    for name in worker.MODEL_SCENARIOS:
+        for p0, p1 in zip(ranks[0][name]["params"], ranks[1][name]["params"]):
+            assert torch.equal(p0, p1), f"{name}: ranks ended with different parameters"
+        assert torch.equal(ranks[0][name]["losses"], ranks[1][name]["losses"])
+    overlapped, plain = ranks[0]["model_overlap"], ranks[0]["model_plain"]
+    assert overlapped["started_in_backward"] == HOOKED_PER_STEP and plain["started_in_backward"] == [0] * 6
+    # the same reductions of the same tensors, started earlier: bit for bit the same run
+    assert torch.equal(overlapped["losses"], plain["losses"])
+    for a, b in zip(overlapped["params"], plain["params"]):
+        assert torch.equal(a, b)
+    # one process on both ranks' micro-batches: the same run up to float summation order
+    single = worker.run_model_scenario(False, [(r, m) for r in range(2) for m in range(worker.MICRO_BATCHES)])
+    torch.testing.assert_close(overlapped["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+    for a, ref in zip(overlapped["params"], single["params"]):
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
