@@ -426,3 +426,87 @@ def test_two_ranks_overlapped_equals_plain_and_single_process(two_rank_results):
     torch.testing.assert_close(overlapped["losses"], single["losses"], rtol=1e-5, atol=1e-6)
     for a, ref in zip(overlapped["params"], single["params"]):
         torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- bf16 storage and bf16 Adam state ----------------------------------------------------------------------
+def rounded_adam_reference(p0, grads, lr, betas, eps, weight_decay, storage, state):
+    """Float64 AdamW whose parameter is rounded to `storage` and m, v to `state` after every step: the exact
+    semantics of DistAdam's narrow storage (wide arithmetic, one rounding per stored tensor per step)."""
+    beta1, beta2 = betas
+    p, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        d = (m / (1 - beta1 ** t)) / (torch.sqrt(v / (1 - beta2 ** t)) + eps)
+        p = (p * (1 - lr * weight_decay) - lr * d).to(storage).double()
+        m, v = m.to(state).double(), v.to(state).double()
+    return p
+
+
+@pytest.mark.parametrize("storage, state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, None),
+                                                   (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32_param_bf16_state", "bf16_param", "bf16_param_bf16_state"])
+def test_dist_adam_narrow_storage_matches_rounded_float64_reference(storage, state_dtype):
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(6, 5, generator=gen).to(storage)
+    grads = [torch.randn(6, 5, generator=gen).to(storage) for _ in range(6)]
+    (p,) = params = [torch.nn.Parameter(W.clone())]
+    opt = DistAdam(params, lr=0.05, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1, state_dtype=state_dtype)
+    for g in grads:
+        p.grad = g
+        opt.step()
+    state = state_dtype or storage
+    assert p.dtype == storage and opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == state
+    expected = rounded_adam_reference(W, grads, 0.05, (0.8, 0.95), 1e-8, 0.1, storage, state)
+    # fp32 against float64 arithmetic: one ulp of a bf16 weight (a rounding the other way), or the fp32 error
+    # of six steps of unit-sized arithmetic on an fp32 weight
+    if storage == torch.bfloat16:
+        tolerance = torch.finfo(storage).eps * expected.abs()
+    else:
+        tolerance = 8 * torch.finfo(storage).eps * expected.abs().clamp_min(1.0)
+    assert ((p.detach().double() - expected).abs() <= tolerance).all()
+    wide = rounded_adam_reference(W, grads, 0.05, (0.8, 0.95), 1e-8, 0.1, torch.float64, torch.float64)
+    assert ((p.detach().double() - wide).abs() > tolerance).any()  # the check would notice a wide path
+
+
+def test_dist_adam_bf16_state_survives_a_checkpoint_and_fp32_default_is_unchanged():
+    worker = load_worker()
+    shapes = worker.ADAM_SHAPES
+    grads = worker.rank_grads(shapes, 0)
+    a = worker.make_params(shapes)
+    opt_a = DistAdam(a, lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16)
+    for step in range(2):
+        set_grads(a, grads(step))
+        opt_a.step()
+    b = params_like([p.detach() for p in a])
+    opt_b = DistAdam(b, lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16)
+    opt_b.load_state_dict(save_and_load(opt_a.state_dict()))  # torch casts state to fp32; DistAdam casts back
+    assert all(opt_b.state[p]["exp_avg"].dtype == torch.bfloat16 for p in b)
+    for step in range(2, 4):
+        for params, opt in ((a, opt_a), (b, opt_b)):
+            set_grads(params, grads(step))
+            opt.step()
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+    with pytest.raises(ValueError, match="state_dtype"):
+        DistAdam(a, lr=0.01, state_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon])
+def test_matrix_optimizers_keep_bf16_storage(cls):
+    """bf16 parameters (record 18's gates) stay bf16 with bf16 state and follow the fp32 run to bf16 precision."""
+    gen = torch.Generator().manual_seed(10)
+    W, G = torch.randn(3, 16, 8, generator=gen), torch.randn(3, 16, 8, generator=gen)
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(w.clone().to(dtype)) for w in W]
+        opt = cls(params, lr=0.05, momentum=0.9, weight_decay=0.1)
+        for _ in range(3):
+            set_grads(params, [g.to(dtype) for g in G])
+            opt.step()
+        assert all(p.dtype == dtype and opt.state[p]["momentum_buffer"].dtype == dtype for p in params)
+        moved[dtype] = torch.stack([p.detach().float() for p in params]) - W.to(dtype).float()
+    # the displacement agrees up to the rounding of the stored weights (|W| < 4: bf16 ulp <= 2^-6 per step)
+    assert (moved[torch.bfloat16] - moved[torch.float32]).abs().max() < 3 * 2 ** -5
+    assert moved[torch.float32].abs().max() > 0.1
