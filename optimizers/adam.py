@@ -47,6 +47,8 @@ the arithmetic of a step runs in fp32 and the results are rounded once on the wa
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -124,7 +126,8 @@ class DistAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, weight_decay_mul=1.0,
                         lr_mul=1.0, cautious_weight_decay=cautious_weight_decay, step_every=step_every)
         super().__init__(params, defaults)
-        self._hook_handles: list = []  # from register_grad_hooks()
+        self._hooks_on = False  # register_grad_hooks() was called
+        self._hook_handles: dict[torch.Tensor, Any] = {}  # parameter -> its post-accumulate-grad hook
         self._armed: set[torch.Tensor] = set()  # parameters whose hook reduces during the coming backward
         self._in_flight: dict[torch.Tensor, tuple] = {}  # parameter -> (rows, PendingGrads) started by a hook
 
@@ -179,29 +182,29 @@ class DistAdam(torch.optim.Optimizer):
 
     # ---- reduction inside backward ------------------------------------------------------------------------
     def register_grad_hooks(self) -> None:
-        """Install a post-accumulate-grad hook on every parameter that requires grad (once; idempotent).
-        The hooks do nothing until arm_grad_hooks() is called."""
-        if self._hook_handles:
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._reduce_in_backward))
+        """Turn on the reduction inside backward: from now on arm_grad_hooks() arms post-accumulate-grad hooks.
+        A hook is installed on each parameter the first time it is armed while it requires grad, so a parameter
+        that starts frozen (an embedding tied to the head until the split) gets its hook once it trains."""
+        self._hooks_on = True
 
     def remove_grad_hooks(self) -> None:
-        for handle in self._hook_handles:
+        for handle in self._hook_handles.values():
             handle.remove()
         self._hook_handles.clear()
         self._armed.clear()
+        self._hooks_on = False
 
     def arm_grad_hooks(self) -> None:
         """Call just before the backward of a step's last micro-batch: the hooks of the groups whose next step()
         call is active start their reductions during that backward."""
-        if not self._hook_handles:
+        if not self._hooks_on:
             raise RuntimeError("arm_grad_hooks() needs the hooks: call register_grad_hooks() once after building "
                                "the optimizer")
         self._armed = {p for group in self.param_groups if self._next_call_active(group)
                        for p in group["params"] if p.requires_grad}
+        for p in self._armed:
+            if p not in self._hook_handles:
+                self._hook_handles[p] = p.register_post_accumulate_grad_hook(self._reduce_in_backward)
 
     def reductions_in_flight(self) -> int:
         """How many parameters' reductions the hooks have started and step() has not consumed yet."""

@@ -409,6 +409,27 @@ def test_dist_adam_hooks_must_be_registered_and_armed_once_per_step():
     assert adam.reductions_in_flight() == 2
 
 
+def test_dist_adam_hooks_a_parameter_once_it_trains():
+    """An embedding frozen while tied to the head gets its hook when it starts to train (after the split)."""
+    worker = load_worker()
+    model = worker.TinyLM()
+    model.embed.requires_grad_(False)
+    adam, _ = worker.model_optimizers(model)
+    adam.register_grad_hooks()
+    for step in range(3):
+        if step == 2:
+            model.embed.requires_grad_(True)
+        adam.arm_grad_hooks()
+        model(worker.model_batch(step, 0, 0)).backward()
+        # step 1: head, gain, mix (embed frozen); step 2: embed's group is skipped (step_every=2) -> gain, mix
+        assert adam.reductions_in_flight() == [2, 3, 2][step]
+        adam.step()
+        model.zero_grad(set_to_none=True)
+    adam.arm_grad_hooks()
+    model(worker.model_batch(3, 0, 0)).backward()
+    assert adam.reductions_in_flight() == 4  # embed, head, gain, mix
+
+
 @pytest.mark.slow
 def test_two_ranks_overlapped_equals_plain_and_single_process(two_rank_results):
     worker = load_worker()
