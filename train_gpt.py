@@ -561,6 +561,8 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
             if last:
                 break
             if cfg.checkpoint_every > 0 and step > start_step and step % cfg.checkpoint_every == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the queued steps finish inside the clock
                 train_time_ms += 1000 * (time.perf_counter() - t0)
                 write_step_lines(step)
                 checkpoint(step)
