@@ -131,9 +131,16 @@ class Hyperparameters:
     embed_head_weight_decay_mul: float = 1.0  # input embedding and head
     value_embed_weight_decay_mul: float = 1.0  # value embeddings and the second embedding
     adam_step_every: int = 1  # Adam steps on every k-th step, on the summed gradients (record 18: 2, odd steps)
+    bf16_storage: bool = False  # embeddings, head and gates stored in bf16, Adam moments in bf16 (record 18; CUDA only)
+
+    # speed
+    overlap_comm: bool = True  # Adam reduces inside backward, the matrix optimizer's reductions start before Adam's
+    #                            update (bit-identical results; off: every reduction starts in its optimizer's step)
+    log_flush_every: int = 50  # per-step losses stay on the device; the log's step lines are written every N steps
 
     # loop
-    warmup_steps: int = 10  # untimed steps on random tokens to compile; model and optimizers restored after
+    warmup_steps: int = 10  # untimed compile warm-up on random tokens (0: none): steps 0..N-1, every schedule
+    #                         transition and the steps on either side (schedules.warmup_plan); state restored after
     val_loss_every: int = 125  # 0: only at the end
     print_every: int = 1  # console progress every N steps (the log gets every step)
     checkpoint_every: int = 0  # 0: no periodic checkpoints
@@ -352,7 +359,7 @@ class ConfigError(ValueError):
 
 POSITIVE_INTS = ("seq_len", "micro_batch_tokens", "batch_tokens", "val_seq_len", "val_tokens", "vocab_size",
                  "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "window_block", "max_doc_tokens",
-                 "gate_dims", "num_iterations", "print_every", "max_window_tokens")
+                 "gate_dims", "num_iterations", "print_every", "max_window_tokens", "log_flush_every")
 NON_NEGATIVE_INTS = ("cpu_threads", "extension_steps", "val_loss_every", "checkpoint_every", "warmup_steps", "momentum_warmup_steps",
                      "momentum_cooldown_steps", "num_value_embeds", "short_window_max_blocks",
                      "extension_window_blocks", "final_window_blocks", "yarn_max_window_blocks")
@@ -474,6 +481,9 @@ def _check_schedules(cfg: Hyperparameters, world_size: int, check_device: bool) 
     if not cfg.pack_documents and cfg.micro_batch_tokens % cfg.seq_len:
         problems.append(f"micro_batch_tokens ({cfg.micro_batch_tokens}) must be a multiple of seq_len ({cfg.seq_len})")
     uses_cuda = check_device and (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()))
+    if cfg.bf16_storage and (cfg.device == "cpu" or (check_device and not uses_cuda)):
+        problems.append("--bf16-storage stores embeddings, head and gates in bf16 for CUDA's bf16 autocast; the CPU "
+                        "path is fp32: drop it or add --no-bf16-storage")
     if uses_cuda and not cfg.pack_documents and cfg.micro_batch_tokens != cfg.seq_len:
         problems.append(f"on CUDA each rank packs one row per forward (FlexAttention): set --seq-len "
                         f"{cfg.micro_batch_tokens} or --pack-documents")
