@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from optimizers import AdamWMatrix, DistAdam, Muon  # noqa: E402
+from optimizers import AdamWMatrix, DistAdam, Muon, NorMuon  # noqa: E402
 from optimizers.distributed import close_process_group, start_process_group  # noqa: E402
 
 # Bucket sizes 3, 2, 1 and 1: none is a multiple of 2 ranks; (5, 5) alone leaves rank 1 owning nothing.
@@ -67,6 +67,16 @@ def build(name: str, params: list[torch.nn.Parameter],
     if name == "adam":
         return DistAdam([dict(params=params[:3]), dict(params=params[3:], lr=0.02, weight_decay_mul=0.5)],
                         lr=0.01, weight_decay=0.1)
+    if name == "adam_cautious_every2":  # record 18's Adam: cautious decay, a step on every second call
+        return DistAdam([dict(params=params[:3], lr_mul=2.0), dict(params=params[3:], weight_decay_mul=3.0)],
+                        lr=0.01, weight_decay=2.0, cautious_weight_decay=True, step_every=2)
+    if name == "normuon":  # cautious decay, lr_mul, forced row normalisation in the second group
+        groups = matrix_groups(params, lr_mul=2.0)
+        groups[1]["neuron_axis"] = "rows"
+        return NorMuon(groups, lr=0.02, momentum=0.9, beta2=0.9, weight_decay=2.0, cautious_weight_decay=True)
+    if name == "muon_cautious":
+        return Muon(matrix_groups(params, lr_mul=3.0), lr=0.02, momentum=0.9, weight_decay=2.0,
+                    cautious_weight_decay=True, shape_scale="none")
     if name == "adamw_matrix":
         return AdamWMatrix(params, lr=0.01, momentum=0.95, weight_decay=0.1)
     if name.startswith("ord"):
@@ -85,7 +95,7 @@ def build(name: str, params: list[torch.nn.Parameter],
 
 
 def shapes_for(name: str) -> list[tuple]:
-    return ADAM_SHAPES if name == "adam" else MATRIX_SHAPES
+    return ADAM_SHAPES if name in ("adam", "adam_cautious_every2") else MATRIX_SHAPES
 
 
 def run_scenario(name: str, grads_fn, steps: int = STEPS, diagnostics_path: str | None = None):
@@ -99,12 +109,93 @@ def run_scenario(name: str, grads_fn, steps: int = STEPS, diagnostics_path: str 
     return [p.detach().clone() for p in params], opt
 
 
+# ---- overlap: a tiny model trained on micro-batches, reductions inside backward or in step() -------------
+VOCAB, DIM, TOKENS = 16, 8, 12
+MODEL_STEPS, MICRO_BATCHES = 6, 2
+MODEL_SCENARIOS = {"model_overlap": True, "model_plain": False}  # name -> overlapped
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, gains, residual matrices and a head: every kind of parameter the optimizers shard differently.
+    On 2 ranks: embed, head (16, 8) and gain (8,) are reduce-scattered by DistAdam; mix (0-D) and unused (3,)
+    are all-reduced; unused never gets a gradient, so its hook never fires and step() reduces its zeros."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+
+        def param(*shape, scale=0.5):
+            return torch.nn.Parameter(torch.randn(shape, generator=gen) * scale)
+        self.embed, self.head = param(VOCAB, DIM), param(VOCAB, DIM)
+        self.gain, self.mix, self.unused = param(DIM), param(), param(3)
+        self.mids = torch.nn.ParameterList([param(DIM, DIM), param(DIM, DIM)])
+        self.up, self.down = param(2 * DIM, DIM), param(DIM, 2 * DIM)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed[tokens] * self.gain  # (T, DIM)
+        for w in self.mids:
+            x = x + torch.relu(x @ w.T)
+        x = x + torch.relu(x @ self.up.T) @ self.down.T * torch.sigmoid(self.mix)
+        logits = x @ self.head.T  # (T, VOCAB)
+        return torch.nn.functional.cross_entropy(logits[:-1], tokens[1:])
+
+
+def model_optimizers(model: TinyLM) -> tuple[DistAdam, Muon]:
+    """Record-18-like split: Adam with step_every=2 and cautious decay on embed/head, every call on the rest."""
+    adam = DistAdam([dict(params=[model.embed, model.head], step_every=2, cautious_weight_decay=True,
+                          weight_decay=2.0),
+                     dict(params=[model.gain, model.mix, model.unused], lr=0.02)],
+                    lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.05)
+    matrix = Muon([*model.mids, model.up, model.down], lr=0.02, momentum=0.9, weight_decay=0.1)
+    return adam, matrix
+
+
+def model_batch(step: int, rank: int, micro: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    return torch.randint(0, VOCAB, (TOKENS,), generator=gen)
+
+
+def run_model_scenario(overlapped: bool, batch_ids: list[tuple[int, int]], world_size: int = 1) -> dict:
+    """MODEL_STEPS steps on the micro-batches batch_ids = [(rank, micro), ...] of this process. Overlapped:
+    DistAdam reduces inside the last micro-batch's backward and Muon launches its reductions right after
+    backward, before Adam's step. Returns final params, per-step rank-mean losses and, per step, how many Adam
+    reductions the hooks had started before step() (0 when not overlapped)."""
+    from train_log import DeviceLosses
+
+    model = TinyLM()
+    adam, matrix = model_optimizers(model)
+    if overlapped:
+        adam.register_grad_hooks()
+    losses = DeviceLosses(MODEL_STEPS, "cpu", world_size)
+    started_in_backward = []
+    for step in range(MODEL_STEPS):
+        total = torch.zeros(())
+        for i, (rank, micro) in enumerate(batch_ids):
+            if overlapped and i == len(batch_ids) - 1:
+                adam.arm_grad_hooks()
+            loss = model(model_batch(step, rank, micro))
+            (loss / len(batch_ids)).backward()
+            total += loss.detach()
+        started_in_backward.append(adam.reductions_in_flight())
+        if overlapped:
+            matrix.launch_reductions()
+        adam.step()
+        matrix.step()
+        model.zero_grad(set_to_none=True)
+        losses.record(total / len(batch_ids))
+    return dict(params=[p.detach().clone() for p in model.parameters()], losses=torch.tensor(losses.read()),
+                started_in_backward=started_in_backward)
+
+
 def main() -> None:
     out_dir, scenarios = sys.argv[1], sys.argv[2:]
     start_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     diagnostics_path = os.path.join(out_dir, "diagnostics.jsonl")
-    results = {name: run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
+    own_batches = [(rank, micro) for micro in range(MICRO_BATCHES)]
+    results = {name: run_model_scenario(MODEL_SCENARIOS[name], own_batches, world_size)
+               if name in MODEL_SCENARIOS else
+               run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
                for name in scenarios}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     # success path only: after a failure the barrier could wait for a rank that never arrives (the error exits)

@@ -464,7 +464,7 @@ def test_make_record_refuses_bad_input(tmp_path, capsys):
 TRAIN_GPT = os.path.join(ROOT, "train_gpt.py")
 # The smallest model train_gpt.py accepts with every feature on (a step takes a fraction of a second on a CPU).
 TINY_FLAGS = {
-    "preset": "cpu-tiny", "num_iterations": 3, "val_loss_every": 0, "report_unigram": False,
+    "preset": "cpu-tiny", "num_iterations": 3, "val_loss_every": 0, "report_baselines": False,
     "num_layers": 2, "model_dim": 32, "num_heads": 2, "head_dim": 16, "seq_len": 64, "micro_batch_tokens": 128,
     "batch_tokens": 256, "val_seq_len": 128, "val_tokens": 512, "skip_connections": "0:1",
     "long_window_layers": "0", "num_value_embeds": 1, "max_window_tokens": 64, "window_block": 16,
@@ -519,7 +519,7 @@ def test_sweep_end_to_end_on_cpu(tmp_path):
     assert "debug crash at step 1" in open(runlog.console_path(log_dir, "boom-s0")).read()
     for tag, lr in (("a-s0", 0.02), ("b-s0", 0.01)):
         log = runlog.parse_log(runlog.log_path(log_dir, tag))
-        assert log.final_val.step == 3 and log.config["lr"] == lr and log.config["report_unigram"] is False
+        assert log.final_val.step == 3 and log.config["lr"] == lr and log.config["report_baselines"] is False
         assert len(log.train) == 3 and math.isfinite(log.final_val.loss)
 
     spec["configs"][0] = {"tag": "boom"}  # fix the crashing config; same tag, so only it runs again
