@@ -257,7 +257,8 @@ def setup_distributed(cfg: Hyperparameters) -> tuple[int, int, torch.device]:
         if cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        from optimizers.distributed import start_process_group
+        start_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, world_size, device
 
 
@@ -611,18 +612,24 @@ def main(argv: list[str] | None = None) -> int:
     status: dict = {}
     try:
         train(cfg, status)
-        return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if dist.is_initialized():  # every rank raises it alike, with no collective in flight
+            dist.destroy_process_group()
         return 2
     except BaseException:
         if status.get("log_path") and os.path.exists(status["log_path"]):  # rank 0 only has a log path
             with open(status["log_path"], "a") as f:
                 f.write(traceback.format_exc())
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Teardown on the success path only (optimizers/distributed.py, close_process_group): a barrier, then the
+    # process group is destroyed and gloo's threads joined before the interpreter shuts down. After an error
+    # the group is left to process exit: a barrier or a join could wait on a collective a failed rank never joins.
+    from optimizers.distributed import close_process_group
+    survivors = close_process_group()
+    if survivors:
+        print(f"warning: gloo threads outlived the process group teardown: {survivors}", file=sys.stderr, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

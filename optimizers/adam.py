@@ -25,7 +25,8 @@ this is record 18 (both Adam optimizers step on odd steps only; the even step's 
 Distribution: with a process group, a parameter whose first dim is divisible by the world size is
 reduce-scattered along dim 0 (each rank updates and keeps Adam state for its own rows, then the rows are
 all-gathered); any other parameter (0-D scalars included) is all-reduced and updated identically on every rank.
-All reductions are launched before the first update. Gradients are averaged as SUM / world_size.
+All reductions are launched before the first update; every collective is waited on before step()
+returns or raises. Gradients are averaged as SUM / world_size.
 A parameter that requires grad but has no gradient on this rank contributes zeros.
 
 Reduction inside backward (record 18's overlap): after `register_grad_hooks()`, a training loop calls
@@ -52,7 +53,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from optimizers.distributed import PendingGrads, apply_decay_and_step, dist_info, grad_or_zeros
+from optimizers.distributed import (PendingGather, PendingGrads, apply_decay_and_step, dist_info, grad_or_zeros,
+                                    wait_for_all)
 
 
 def adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -148,8 +150,9 @@ class DistAdam(torch.optim.Optimizer):
         if p.ndim >= 1 and p.shape[0] % world_size == 0:
             rows = p.shape[0] // world_size
             own = torch.empty((rows, *p.shape[1:]), dtype=grad.dtype, device=grad.device)
-            work = dist.reduce_scatter_tensor(own, grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
-            return slice(rank * rows, (rank + 1) * rows), PendingGrads(own, work, divisor=world_size)
+            sent = grad.contiguous()
+            work = dist.reduce_scatter_tensor(own, sent, op=dist.ReduceOp.SUM, async_op=True)
+            return slice(rank * rows, (rank + 1) * rows), PendingGrads(own, work, divisor=world_size, sent=sent)
         full = grad.clone()
         work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
         return None, PendingGrads(full, work, divisor=world_size)
@@ -224,6 +227,19 @@ class DistAdam(torch.optim.Optimizer):
         rank, world_size = dist_info()
         self._in_flight[p] = self._reduce(self._local_grad(p), p, rank, world_size)
 
+    def _update(self, group: dict, p: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> None:
+        """One AdamW step on target (p, or this rank's rows of p) with the averaged grad; state lives under p."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(target, dtype=self.state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(target, dtype=self.state_dtype)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        adam_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                    group["lr"] * group["lr_mul"], beta1, beta2, group["eps"],
+                    group["weight_decay"] * group["weight_decay_mul"], group["cautious_weight_decay"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -231,43 +247,41 @@ class DistAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rank, world_size = dist_info()
-        work = []
+        work: list[tuple[dict, torch.Tensor, slice | None, PendingGrads]] = []
+        gathers: list[PendingGather] = []
         self._armed = set()
-        for group in self.param_groups:
-            active = self._next_call_active(group)
-            group["step_calls"] += 1
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                if active:
-                    started = self._in_flight.pop(p, None)  # by the hook, during backward
-                    if started is None:
-                        started = self._reduce(self._local_grad(p), p, rank, world_size)
-                    work.append((group, p, *started))
-                else:
-                    self._hold_grad(p)
-        if self._in_flight:
+        try:
+            for group in self.param_groups:
+                active = self._next_call_active(group)
+                group["step_calls"] += 1
+                for p in group["params"]:
+                    if not p.requires_grad:
+                        continue
+                    if active:
+                        started = self._in_flight.pop(p, None)  # by the hook, during backward
+                        if started is None:
+                            started = self._reduce(self._local_grad(p), p, rank, world_size)
+                        work.append((group, p, *started))
+                    else:
+                        self._hold_grad(p)
+            if self._in_flight:
+                raise RuntimeError("DistAdam: gradient reductions were started for a group whose step() call was "
+                                   "skipped; do not change step_calls or step_every between arm_grad_hooks() and "
+                                   "step()")
+            for group, p, rows, pending in work:
+                grad = pending.wait()
+                target = p if rows is None else p[rows].clone()  # own rows: updated, then all-gathered into p
+                self._update(group, p, target, grad)
+                if rows is not None:
+                    gathers.append(PendingGather(dist.all_gather_into_tensor(p, target, async_op=True),
+                                                 sent=target))
+            for gather in gathers:
+                gather.wait()
+        except BaseException as error:
+            stray = [pending.work for _, pending in self._in_flight.values()]
             self._in_flight.clear()
-            raise RuntimeError("DistAdam: gradient reductions were started for a group whose step() call was "
-                               "skipped; do not change step_calls or step_every between arm_grad_hooks() and step()")
-        gathers = []
-        for group, p, rows, pending in work:
-            grad = pending.wait()
-            target = p if rows is None else p[rows].clone()  # own rows: updated, then all-gathered into p
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(target, dtype=self.state_dtype)
-                state["exp_avg_sq"] = torch.zeros_like(target, dtype=self.state_dtype)
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            adam_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                        group["lr"] * group["lr_mul"], beta1, beta2, group["eps"],
-                        group["weight_decay"] * group["weight_decay_mul"], group["cautious_weight_decay"])
-            if rows is not None:
-                gathers.append(dist.all_gather_into_tensor(p, target, async_op=True))
-        for handle in gathers:
-            handle.wait()
+            wait_for_all([w[3].work for w in work] + stray + [g.work for g in gathers], error)
+            raise
         return loss
 
 

@@ -59,12 +59,22 @@ requires grad but has `grad is None` on this rank contributes a zero gradient, s
 
 Each group gets a key "step": the number of completed `step()` calls for that group (saved in state_dict).
 Under a process group each rank's `state` holds only the parameters it owns.
+
+Async collectives: every handle a step starts is waited on before `step()` returns or raises (`wait_for_all` on
+the error path), and each handle keeps its input tensor referenced until its wait (see `PendingGrads`). The
+process group itself is opened and closed with `start_process_group` / `close_process_group`; their docstrings
+give the reason (issue 15: "terminate called without an active exception" at exit).
+torch 2.13 deprecates `reduce_scatter_tensor` / `all_gather_into_tensor` in favour of `reduce_scatter_single` /
+`all_gather_single` (the old names now forward to the new ones, so the FutureWarning they print is harmless),
+but torch 2.11, the GPU machine's, has only the old names: the old names stay until 2.11 is retired.
 """
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -75,6 +85,95 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+# ---- process group lifetime ------------------------------------------------------------------------------
+# Why a run must end with close_process_group() (issue 15, a rare SIGABRT of a 2-rank gloo run at exit,
+# "terminate called without an active exception"):
+#   1. gloo runs each collective on one of its worker threads (pt_gloo_runloop). wait() returns as soon as the
+#      collective is marked complete; the worker thread drops its reference to the collective's tensors a moment
+#      later. A tensor whose Python object died while the collective held it (a temporary, a buffer let go after
+#      the wait) is then freed by that worker thread, and freeing its Python object takes the GIL
+#      (TensorImpl::decref_pyobject -> pybind11 gil_scoped_acquire -> PyEval_AcquireThread).
+#   2. If the interpreter is finalizing by then, CPython (3.11 here, 3.12 on the GPU machine) ends any other
+#      thread that takes the GIL, or waits for it, with pthread_exit. The forced unwind meets a noexcept C++
+#      destructor on the worker's stack and the C++ runtime calls std::terminate: "terminate called without an
+#      active exception", exit code -6, and torchrun SIGTERMs the other rank.
+#   3. destroy_process_group() would have joined those worker threads (its destructor drops the GIL while it
+#      joins), but it did not destroy anything: torch.distributed.nn.functional binds `group=group.WORLD` as
+#      default arguments when imported, and the first torch.optim.Optimizer imports it (through torch._dynamo)
+#      after init_process_group, so the default group stayed referenced until interpreter finalization.
+# So a run aborts when a worker thread, delayed after a collective (a loaded machine deschedules it), asks for
+# the GIL within a few milliseconds of the main thread starting interpreter shutdown: rare, and rarer still on
+# an idle machine. bench/stress_dist.py --gil-delay-ms forces that timing. start_process_group() removes step 3;
+# close_process_group() waits for every rank (barrier), then joins the threads while Python is fully alive.
+
+
+def start_process_group(backend: str, **kwargs: Any) -> None:
+    """dist.init_process_group(backend, **kwargs), with torch.distributed.nn imported first.
+
+    torch.distributed.nn.functional evaluates `group=group.WORLD` once, at import: imported before the group
+    exists those defaults are None; imported after, they hold the default group for the life of the process and
+    destroy_process_group() can no longer release it (see the comment above).
+    """
+    import torch.distributed.nn  # noqa: F401  (before the group exists; see the docstring)
+
+    dist.init_process_group(backend, **kwargs)
+
+
+def close_process_group() -> list[str]:
+    """End a run that every rank finished: barrier, then destroy_process_group(). No-op without a group.
+
+    The barrier returns once every rank has finished every collective (gloo's barrier also waits for this
+    rank's earlier work), so no peer is mid-collective when the connections close. destroy_process_group() then
+    releases the group, whose destructor joins gloo's worker threads after they dropped the tensors of finished
+    collectives, while the interpreter is fully alive. Call it only where every rank arrives (the success path):
+    after a failure on one rank the barrier would wait for ranks that never come.
+    Returns the names of gloo threads still alive afterwards (empty when the teardown was complete).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    dist.barrier()
+    dist.destroy_process_group()
+    return gloo_threads()
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo, from /proc/self/task (Linux; [] elsewhere)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
+
+
+def wait_for_all(works: Iterable[Any], error: BaseException) -> None:
+    """Error path of a step: wait for every collective it started, then let `error` propagate.
+
+    The peer ranks start the same collectives (same code, same buckets), so these waits return; afterwards no
+    collective of the failed step is still running or holding its tensors. A wait that fails too (e.g. the peer
+    has gone) is added to `error` as a note rather than replacing it. None entries (no collective) are skipped.
+    """
+    for work in works:
+        if work is None or work.is_completed():
+            continue
+        try:
+            work.wait()
+        except Exception as exc:  # noqa: BLE001  (reported on `error`, which is the one raised)
+            note = f"while waiting for the failed step's other collectives: {type(exc).__name__}: {exc}"
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(note)
+            else:
+                warnings.warn(note, stacklevel=2)
 
 
 def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
@@ -124,25 +223,48 @@ class Bucket:
 class PendingGrads:
     """An in-flight gradient reduction. wait() returns the owner's reduced gradients.
 
-    value: the tensor (or any object) the collective writes into; divisor: applied once after the wait
-    (SUM -> mean, since gloo lacks an AVG reduce-op for some collectives).
+    value: the tensor (or any object) the collective writes into; work: its async handle (None: nothing to
+    wait for); divisor: applied once after the wait (SUM -> mean, since gloo lacks an AVG reduce-op for some
+    collectives); sent: the collective's input, referenced until the wait returns, so that its Python object
+    does not die while the collective still reads the tensor (a gloo thread would then be the one to free it,
+    which takes the GIL; see the comment above start_process_group).
     """
 
     def __init__(self, value: Any, work: Any = None, divisor: int = 1,
-                 finish: Callable[[Any], Any] | None = None):
-        self._value, self._work, self._divisor, self._finish = value, work, divisor, finish
+                 finish: Callable[[Any], Any] | None = None, sent: torch.Tensor | None = None):
+        self._value, self.work, self._divisor, self._finish, self._sent = value, work, divisor, finish, sent
         self._done = False
 
     def wait(self) -> Any:
         if not self._done:
-            if self._work is not None:
-                self._work.wait()
+            if self.work is not None:
+                self.work.wait()
+            self._sent = None
             if self._divisor != 1:
                 self._value.div_(self._divisor)
             if self._finish is not None:
                 self._value = self._finish(self._value)
             self._done = True
         return self._value
+
+
+class PendingGather:
+    """An in-flight all-gather. wait() finishes it and copies gathered[:len(params)] into params (if any).
+
+    work None: nothing to wait for (world size 1). sent: the input, referenced until the wait returns (as in
+    `PendingGrads`).
+    """
+
+    def __init__(self, work: Any, sent: torch.Tensor | None = None, gathered: torch.Tensor | None = None,
+                 params: list[torch.Tensor] | None = None):
+        self.work, self._sent, self._gathered, self._params = work, sent, gathered, params or []
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self._sent = None
+        if self._params:
+            torch._foreach_copy_(self._params, list(self._gathered[:len(self._params)].unbind(0)))
 
 
 SHAPE_SCALES = ("muon", "none")
@@ -225,7 +347,7 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         stack = bucket.stacked_grads()  # (per_rank * world_size, *shape)
         owned = torch.empty((bucket.per_rank, *bucket.shape), dtype=stack.dtype, device=stack.device)
         work = dist.reduce_scatter_tensor(owned, stack, op=dist.ReduceOp.SUM, async_op=True)
-        return PendingGrads(owned, work, divisor=bucket.world_size, finish=lambda g: g[:n_own])
+        return PendingGrads(owned, work, divisor=bucket.world_size, finish=lambda g: g[:n_own], sent=stack)
 
     # ---- machinery ------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -249,8 +371,9 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
             buckets += [Bucket(group, ps, rank, world_size) for ps in by_key.values()]
         return buckets
 
-    def _update_bucket(self, bucket: Bucket, grads: Any) -> Callable[[], None]:
-        """Update the owned slice; return a function that finishes the all-gather and copies back."""
+    def _update_bucket(self, bucket: Bucket, grads: Any) -> PendingGather:
+        """Update the owned slice; return the all-gather that copies every rank's slice back (or, at world
+        size 1, the copy of the updated stack)."""
         owned, group = bucket.owned, bucket.group
         first = bucket.params[0]
         if bucket.world_size == 1:
@@ -265,16 +388,11 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
             update = self.compute_update(group, owned, W, grads, states)
             self.apply_update(group, W, update, group["lr"] * self.step_multiplier(group, bucket.shape))
         if bucket.world_size == 1:
-            torch._foreach_copy_(owned, list(W.unbind(0)))
-            return lambda: None
+            return PendingGather(None, gathered=send, params=bucket.params)
         full = torch.empty((bucket.per_rank * bucket.world_size, *bucket.shape), dtype=send.dtype,
                            device=send.device)
         work = dist.all_gather_into_tensor(full, send, async_op=True)
-
-        def finish() -> None:
-            work.wait()
-            torch._foreach_copy_(bucket.params, list(full[:len(bucket.params)].unbind(0)))
-        return finish
+        return PendingGather(work, sent=send, gathered=full, params=bucket.params)
 
     @torch.no_grad()
     def launch_reductions(self) -> None:
@@ -301,9 +419,15 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         if self._launched is None:
             self.launch_reductions()
         (buckets, pending), self._launched = self._launched, None
-        finishers = [self._update_bucket(b, grads.wait()) for b, grads in zip(buckets, pending)]
-        for finish in finishers:
-            finish()
+        gathers: list[PendingGather] = []
+        try:
+            for bucket, grads in zip(buckets, pending):
+                gathers.append(self._update_bucket(bucket, grads.wait()))
+            for gather in gathers:
+                gather.wait()
+        except BaseException as error:
+            wait_for_all([p.work for p in pending] + [g.work for g in gathers], error)
+            raise
         for group in self.param_groups:
             group["step"] += 1
         return loss

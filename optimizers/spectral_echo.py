@@ -364,7 +364,7 @@ class SpectralEcho(Muon):
             return PendingGrads(ReplicateGroups(local, sizes))
         owned = torch.empty((bucket.per_rank, len(sizes), *bucket.shape), dtype=local.dtype, device=local.device)
         work = dist.reduce_scatter_tensor(owned, local, op=dist.ReduceOp.SUM, async_op=True)
-        return PendingGrads(owned, work, finish=lambda sums: ReplicateGroups(sums[:n_own], sizes))
+        return PendingGrads(owned, work, finish=lambda sums: ReplicateGroups(sums[:n_own], sizes), sent=local)
 
     def _reduce_norms(self, bucket: Bucket, K: int) -> PendingNorms:
         """Plateau: the ordinary gradient reduction plus the sum over all replicates of their squared norms."""

@@ -19,6 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from optimizers import AdamWMatrix, DistAdam, Muon, NorMuon  # noqa: E402
+from optimizers.distributed import close_process_group, start_process_group  # noqa: E402
 
 # Bucket sizes 3, 2, 1 and 1: none is a multiple of 2 ranks; (5, 5) alone leaves rank 1 owning nothing.
 MATRIX_SHAPES = [(8, 12), (8, 12), (12, 8), (8, 12), (12, 8), (2, 6, 10), (5, 5)]
@@ -188,18 +189,24 @@ def run_model_scenario(overlapped: bool, batch_ids: list[tuple[int, int]], world
 
 def main() -> None:
     out_dir, scenarios = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
+    start_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    try:
-        diagnostics_path = os.path.join(out_dir, "diagnostics.jsonl")
-        own_batches = [(rank, micro) for micro in range(MICRO_BATCHES)]
-        results = {name: run_model_scenario(MODEL_SCENARIOS[name], own_batches, world_size)
-                   if name in MODEL_SCENARIOS else
-                   run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
-                   for name in scenarios}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    diagnostics_path = os.path.join(out_dir, "diagnostics.jsonl")
+    own_batches = [(rank, micro) for micro in range(MICRO_BATCHES)]
+    results = {name: run_model_scenario(MODEL_SCENARIOS[name], own_batches, world_size)
+               if name in MODEL_SCENARIOS else
+               run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
+               for name in scenarios}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # success path only: after a failure the barrier could wait for a rank that never arrives (the error exits)
+    check_closed(close_process_group())
+
+
+def check_closed(survivors: list[str]) -> None:
+    """Fail the run if gloo threads outlive the teardown: they could abort the exit (issue 15)."""
+    if survivors:
+        raise SystemExit(f"gloo threads still alive after close_process_group(): {survivors}; something keeps the "
+                         "default process group referenced, so its worker threads run into interpreter shutdown")
 
 
 if __name__ == "__main__":

@@ -97,11 +97,14 @@ def run_scenario(name, rank=0, world_size=1):
 
 def worker_main(out_dir):
     import torch.distributed as dist
-    dist.init_process_group("gloo")
+
+    from dist_optim_worker import check_closed
+    from optimizers.distributed import close_process_group, start_process_group
+    start_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     results = {name: run_scenario(name, rank, world_size)[0] for name in SCENARIOS}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    check_closed(close_process_group())  # success path only (see tests/dist_optim_worker.py)
 
 
 # ---- tests ---------------------------------------------------------------------------------------------

@@ -203,10 +203,13 @@ def test_rejects_bad_options(bad, message):
 
 
 # ---- 2-process gloo ---------------------------------------------------------------------------------------
+TWO_RANK_SCENARIOS = ["muon", "ord0", "ord_decomp", "ord_matched"]
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist_ord"))
-    return out_dir, run_torchrun(out_dir, ["muon", "ord0", "ord_decomp", "ord_matched"])
+    return out_dir, run_torchrun(out_dir, TWO_RANK_SCENARIOS)
 
 
 @pytest.mark.slow

@@ -32,19 +32,28 @@ def tiny_cfg(**overrides) -> Hyperparameters:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def synthetic_shards(tmp_path_factory):
-    """Random tokens with a document start every ~40 tokens, in the real shard format."""
+def write_synthetic_shards(out_dir: str) -> tuple[str, str]:
+    """Random tokens with a document start every ~40 tokens, in the real shard format; (train, val) globs."""
     from data.shards import write_shard
 
-    out = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
     for name, n in (("syn_val_000000.bin", 4096), ("syn_train_000001.bin", 20000)):
         tokens = rng.integers(0, 50000, size=n).astype(np.uint16)
         tokens[rng.random(n) < 0.025] = 50256
         tokens[0] = 50256
-        write_shard(str(out / name), tokens)
-    return str(out / "syn_train_*.bin"), str(out / "syn_val_*.bin")
+        write_shard(os.path.join(out_dir, name), tokens)
+    return os.path.join(out_dir, "syn_train_*.bin"), os.path.join(out_dir, "syn_val_*.bin")
+
+
+def one_vs_two_process_args(train_files: str, val_files: str, log_dir: str) -> list[str]:
+    """Arguments of the 1-process vs 2-process comparison (bench/stress_dist.py launches the 2-process run)."""
+    return [*TINY_ARGS, "--train-files", train_files, "--val-files", val_files, "--num-iterations", "6",
+            "--val-loss-every", "3", "--log-dir", log_dir]
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(tmp_path_factory):
+    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def run_train_gpt(args, nproc=1, cwd=ROOT, check=True, timeout=300):
@@ -205,9 +214,7 @@ def test_every_parameter_in_exactly_one_group():
 @pytest.mark.slow
 def test_two_processes_reproduce_one_process(tmp_path, synthetic_shards):
     """Same global batch: 1 process x 2 accumulation steps vs 2 gloo processes x 1 step (distributed optimizers)."""
-    train_files, val_files = synthetic_shards
-    common = [*TINY_ARGS, "--train-files", train_files, "--val-files", val_files, "--num-iterations", "6",
-              "--val-loss-every", "3", "--log-dir", str(tmp_path)]
+    common = one_vs_two_process_args(*synthetic_shards, str(tmp_path))
     run_train_gpt([*common, "--run-id", "one"])
     run_train_gpt([*common, "--run-id", "two"], nproc=2)
     val1, train1 = read_losses(tmp_path / "one.txt")
