@@ -1,0 +1,226 @@
+"""The optimizer benchmark (track 3): its significance rules on hand-computed examples and on the published numbers of
+the benchmark's README, steps-to-target in runlog / monitor_runs, make_record --track track3, the sweep spec."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import make_record
+import monitor_runs
+import runlog
+import track3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEP = "=" * 100
+# Final val losses of the ten runs of the track-3 baseline #36 (tuned Muon + aux AdamW, 3250 steps), as printed in
+# their logs (records/track_3_optimization/results/20260610_tuned_baseline_3250/); README: 3.2787 (n=10).
+BASELINE_36 = [3.27722, 3.27941, 3.27699, 3.28091, 3.27822, 3.28034, 3.27873, 3.27932, 3.27720, 3.27825]
+
+
+def track3_val_steps(total):
+    """The benchmark's cadence: every 125 steps, every 25 once step / total >= 0.9, and the last step."""
+    return [s for s in range(total + 1) if s == total or s % (125 if s / total < 0.9 else 25) == 0]
+
+
+def write_track3_log(path, final, total=3250, fmt="official", seed=None, target=None):
+    """A track-3 log whose val loss is `final` at the last step and rises by 0.0045 per 100 steps before it
+    (rounded to the 5 decimals the official logs print). fmt "official": train_time in seconds, no config."""
+    lines = ["import torch", SEP, "Running PyTorch 2.10.0+cu128 on NVIDIA H100 80GB HBM3 with world_size 8"]
+    if fmt == "ours":
+        config = {"run_id": os.path.splitext(os.path.basename(path))[0], "seed": seed, "preset": "track3"}
+        if target is not None:
+            config["val_loss_target"] = target
+        lines.append("config: " + json.dumps(config))
+    lines.append(SEP)
+    for step in track3_val_steps(total):
+        loss = round(final + 0.0045 * (total - step) / 100, 5)
+        avg = "nan" if step == 0 else "155.00"
+        time_text = f"{0.155 * step:.3f}s" if fmt == "official" else f"{155 * step}ms"
+        lines.append(f"step:{step}/{total} val_loss:{loss:.5f} train_time:{time_text} step_avg:{avg}ms")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- the rules
+
+
+def test_rule_on_the_readme_examples():
+    # "for a single non-cherry-picked run, any val loss below 3.276 suffices, and for n=4 runs, any average below
+    # 3.278 suffices"
+    assert track3.rule_statistic(3.2759, 1) >= track3.MARGIN > track3.rule_statistic(3.2761, 1)
+    assert track3.rule_statistic(3.2779, 4) >= track3.MARGIN > track3.rule_statistic(3.2781, 4)
+    # baseline #36: mean 3.278659, (3.28 - 3.278659) * sqrt(10) = 0.001341 * 3.16228 = 0.0042406 >= 0.004
+    result = track3.rule_at_step(3250, BASELINE_36)
+    assert result.mean == pytest.approx(3.278659, abs=1e-12)
+    assert result.statistic == pytest.approx(0.001341 * math.sqrt(10), rel=1e-9) and result.met
+    # the z-test behind it: p = P(Z > statistic / sigma); 0.004 is 3.077 sigma, p < 0.001 at 3.09 sigma
+    assert result.p_value == pytest.approx(stats.norm.sf(0.0042406 / 0.0013), rel=1e-3)
+    assert track3.rule_p_value(3.28 - 0.004, 1) == pytest.approx(0.5 * math.erfc(0.004 / 0.0013 / math.sqrt(2)))
+
+
+def test_pairwise_rule_on_the_readme_examples():
+    # #13 (3210 steps, 3.2785, n=16) vs #11 (3225, 3.2785, n=10): 15 steps = 0.000675; / sqrt(1/16 + 1/10)
+    assert track3.pairwise_statistic(3.2785, 16, 3225, 3.2785, 10, 3210) == pytest.approx(0.000675 / 0.403113, rel=1e-5)
+    assert track3.pairwise_statistic(3.2785, 16, 3225, 3.2785, 10, 3210) == pytest.approx(0.00167, abs=5e-6)
+    # #13 vs #8 (3250, 3.2778, n=10): ((3.2778 - 3.2785) + 40/100 * 0.0045) / (1/10 + 1/16)**0.5 = 0.0027
+    assert track3.pairwise_statistic(3.2778, 10, 3250, 3.2785, 16, 3210) == pytest.approx(0.0011 / 0.403113, rel=1e-5)
+    # #12 (3325, 3.2790, n=20) vs #6 (3375, 3.2788, n=20): (-0.0002 + 0.00225) / sqrt(0.1) = 0.00648, significant
+    value = track3.pairwise_statistic(3.2788, 20, 3375, 3.2790, 20, 3325)
+    assert value == pytest.approx(0.00205 / math.sqrt(0.1), rel=1e-9) and value >= track3.MARGIN
+
+
+def test_seeds_needed_from_sigma():
+    # true mean 3.2787 (the baseline at 3250 steps): (0.004 + z_0.8 * 0.0013) / 0.0013 = 3.9185, squared 15.35
+    z80 = stats.norm.ppf(0.8)
+    assert track3.seeds_needed(3.2787) == math.ceil(((0.004 + z80 * 0.0013) / 0.0013) ** 2) == 16
+    # at even odds: (0.004 / 0.0013)^2 = 9.47 -> 10, the baseline's own n
+    assert track3.seeds_needed(3.2787, power=0.5) == 10
+    assert track3.seeds_needed(3.270) == 1 and track3.seeds_needed(3.28) is None
+    # the claim behind it: with n = seeds_needed, a simulated set meets the rule at about the asked rate
+    rng = np.random.default_rng(0)
+    n = track3.seeds_needed(3.2787)
+    means = 3.2787 + rng.normal(0, 0.0013, size=(20000, n)).mean(axis=1)
+    rate = np.mean((3.28 - means) * math.sqrt(n) >= track3.MARGIN)
+    assert 0.8 <= rate < 0.84  # 0.8 at n = 15.35; the rounding up to 16 adds a little
+
+
+def test_set_takes_the_earliest_common_step_that_meets_the_rule():
+    # 8 runs at 3250 steps, mean 3.2740 at the end, +0.001125 per 25 steps before it: the rule needs
+    # (3.28 - 3.274 - 0.001125 k) sqrt(8) >= 0.004, k <= 4.08: step 3250 - 4 * 25 = 3150 (mean 3.2785).
+    offsets = np.linspace(-0.002, 0.002, 8)
+    curves = [{s: 3.274 + o + 0.0045 * (3250 - s) / 100 for s in track3_val_steps(3250)} for o in offsets]
+    result = track3.evaluate_set(curves, 3250, list(range(8)))
+    assert result.met and result.steps == 3150 and result.at_steps.mean == pytest.approx(3.2785)
+    assert result.at_steps.statistic == pytest.approx(0.0015 * math.sqrt(8))
+    assert not next(r for r in result.rows if r.step == 3125).met
+    assert result.losses == pytest.approx([curve[3150] for curve in curves])
+    # runs validated at different steps: only the shared ones count; a nan run never meets the rule
+    curves[0] = {s: v for s, v in curves[0].items() if s % 100 == 0 or s == 3250}
+    assert track3.evaluate_set(curves, 3250, list(range(8))).steps == 3200
+    curves[1] = {s: math.nan for s in curves[1]}
+    assert not track3.evaluate_set(curves, 3250, list(range(8))).met
+    with pytest.raises(ValueError, match="validate at its last step"):
+        track3.evaluate_set([{0: 11.0}], 3250, [None])
+
+
+def test_comparison_paired_by_seed_or_welch_against_hand_formulas():
+    old_losses = [3.2790, 3.2775, 3.2801, 3.2783]
+    new_losses = [3.2771, 3.2768, 3.2779, 3.2760]
+    old = track3.SetResult(3250, 3250, False, old_losses, [0, 1, 2, 3], [])
+    new = track3.SetResult(3200, 3200, True, new_losses[::-1], [3, 2, 1, 0], [])  # same seeds, other order
+    cmp = track3.compare_sets(old, new)
+    # paired: d_i = old_i - (new_i - 50/100 * 0.0045), matched by seed
+    d = [o - (n - 0.00225) for o, n in zip(old_losses, new_losses)]
+    t_hand = np.mean(d) / (np.std(d, ddof=1) / 2)
+    assert cmp.test == "paired" and cmp.t_statistic == pytest.approx(t_hand, rel=1e-9)
+    assert cmp.p_value == pytest.approx(stats.t.sf(t_hand, 3), rel=1e-9)
+    assert cmp.step_gain == 50 and cmp.step_gain_loss == pytest.approx(0.00225)
+    gain = np.mean(old_losses) - np.mean(new_losses)
+    assert cmp.loss_gain == pytest.approx(gain)
+    assert cmp.statistic == pytest.approx((gain + 0.00225) / math.sqrt(0.5)) and cmp.significant
+    # other seeds: Welch, with the Welch-Satterthwaite degrees of freedom
+    new = track3.SetResult(3200, 3200, True, new_losses, [4, 5, 6, 7], [])
+    cmp = track3.compare_sets(old, new)
+    a, b = np.asarray(old_losses), np.asarray(new_losses) - 0.00225
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 4
+    t_hand = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 3)
+    assert cmp.test == "welch" and cmp.t_statistic == pytest.approx(t_hand, rel=1e-9)
+    assert cmp.p_value == pytest.approx(stats.t.sf(t_hand, df), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- logs and tools
+
+
+def test_runlog_reads_track3_logs_and_steps_to_target(tmp_path):
+    path = write_track3_log(tmp_path / "official.txt", 3.27722)
+    log = runlog.parse_log(path)
+    assert log.finished and log.final_val == runlog.ValPoint(3250, 3.27722, 503750.0)  # 503.750s
+    assert [p.step for p in log.val] == track3_val_steps(3250) and len(log.val) == 38
+    # 3.27722 + 0.0045 k / 4 <= 3.28 for k <= 2.47: the first val at or below 3.28 is 3250 - 2 * 25 = 3200
+    assert log.first_val_at_or_below(3.28).step == 3200 and log.first_val_at_or_below(3.0) is None
+    summary = log.summary(3.28)
+    assert summary["steps_to_target"] == 3200 and summary["train_time_to_target_s"] == pytest.approx(496.0)
+    assert summary["final_val_loss"] == 3.27722 and log.target(2.92) == 2.92  # no config: the default
+    ours = runlog.parse_log(write_track3_log(tmp_path / "ours.txt", 3.2790, fmt="ours", seed=3, target=3.28))
+    assert ours.target(2.92) == 3.28 and ours.seed == 3 and ours.summary(3.28)["steps_to_target"] == 3250
+    # a line cut after the seconds' digits is not a progress line
+    assert runlog.parse_progress_line("step:5/10 val_loss:3.3 train_time:12.5") is None
+    assert runlog.parse_progress_line("step:5/10 val_loss:3.3 train_time:12.5s")[2]["train_time"] == 12500.0
+
+
+def test_monitor_uses_each_runs_target(tmp_path, capsys):
+    d = tmp_path / "logs"
+    write_track3_log(d / "t3-s0.txt", 3.2770, fmt="ours", seed=0, target=3.28)
+    write_track3_log(d / "official.txt", 3.2770)
+    rows = {r.tag: r for r in monitor_runs.collect_runs([str(d)], target=None, stall_s=1e9)}
+    assert (rows["t3-s0"].target, rows["t3-s0"].target_step) == (3.28, 3200)  # its config names 3.28
+    assert (rows["official"].target, rows["official"].target_step) == (2.92, None)  # no config: 2.92
+    assert monitor_runs.main([str(d)]) == 0
+    table = capsys.readouterr().out
+    assert "<=target" in table and "yes@3200 (3.28)" in table
+    assert monitor_runs.main([str(d), "--target", "3.28", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["target"], r["target_step"]) for r in rows] == [(3.28, 3200), (3.28, 3200)]
+
+
+def test_make_record_track3_rule_and_pairwise_comparison(tmp_path, capsys):
+    base = [write_track3_log(tmp_path / "base" / f"b{i}.txt", loss) for i, loss in enumerate(BASELINE_36)]
+    finals = [round(3.2740 + o, 5) for o in (-0.0014, -0.001, -0.0006, -0.0002, 0.0002, 0.0006, 0.001, 0.0014)]
+    new = [write_track3_log(tmp_path / "new" / f"n-s{i}.txt", loss, fmt="ours", seed=i, target=3.28)
+           for i, loss in enumerate(finals)]
+    records = str(tmp_path / "records")
+    folder = make_record.make_record(new, "track3", "t", baseline=base, date="2026-01-02", records_dir=records)
+    summary = json.loads(open(os.path.join(folder, "stats.json")).read())
+    readme = open(os.path.join(folder, "README.md")).read()
+    result = summary["track3"]
+    # new set: mean 3.2740 at 3250, meets the rule first at 3150 (mean 3.2785, 0.0015 * sqrt(8) = 0.00424)
+    assert summary["target"] == 3.28 and result["met"] and result["steps"] == 3150
+    at = next(r for r in result["rows"] if r["step"] == 3150)
+    assert at["mean"] == pytest.approx(3.2785, abs=1e-9) and at["statistic"] == pytest.approx(0.0015 * 8**0.5)
+    # baseline #36: met at 3250 only (at 3225 the mean is 3.279784: 0.000216 * sqrt(10) = 0.00068)
+    base_result = result["baseline"]
+    assert base_result["steps"] == 3250 and base_result["met"]
+    cmp = base_result["comparison"]
+    # ((3.278659 - 3.2785) + 100 / 100 * 0.0045) / sqrt(1/10 + 1/8) = 0.004659 / 0.474342 = 0.0098220
+    assert cmp["statistic"] == pytest.approx(0.004659 / math.sqrt(0.1 + 0.125), rel=1e-6) and cmp["significant"]
+    assert cmp["test"] == "welch" and cmp["step_gain"] == 100  # the official logs carry no seeds
+    at_3150 = np.asarray([round(f + 0.0045, 5) for f in finals])  # the new set's losses at its steps
+    welch = stats.ttest_ind(BASELINE_36, at_3150 - 0.0045, equal_var=False, alternative="greater")
+    assert cmp["p_value"] == pytest.approx(welch.pvalue, rel=1e-6)
+    assert [r["steps_to_target"] for r in summary["runs"]] == [
+        next(s for s in track3_val_steps(3250) if round(f + 0.0045 * (3250 - s) / 100, 5) <= 3.28) for f in finals]
+    assert "first at step **3150**" in readme and "**significant**" in readme and "steps to 3.28 |" in readme
+    assert "| 3150 | 8 | 3.27850 |" in readme and "record rule p < 0.01" not in readme
+    # the same logs without --track track3: the speedrun's t-test, no benchmark section
+    folder = make_record.make_record(new, "medium", "m", target=3.28, date="2026-01-02", records_dir=records)
+    assert "record rule p < 0.01" in open(os.path.join(folder, "README.md")).read()
+    # refusals: --baseline outside track3, a set mixing step counts; the CLI exits 2 with the message
+    with pytest.raises(ValueError, match="--track track3"):
+        make_record.make_record(new, "medium", "x", baseline=base, records_dir=records)
+    short = write_track3_log(tmp_path / "short" / "s.txt", 3.279, total=3000)
+    assert make_record.main([*new, short, "--track", "track3", "--name", "y", "--records-dir", records]) == 2
+    assert "mix step counts [3000, 3250]" in capsys.readouterr().err
+
+
+def test_sweep_spec_names_registered_optimizers_and_the_seeds():
+    import launch_sweep
+    from optimizers import OPTIMIZERS
+
+    path = os.path.join(ROOT, "sweeps", "track3_optimizers.toml")
+    sweep = launch_sweep.expand_spec(launch_sweep.load_spec(path), path)
+    configs = ["muon", "ord_perp", "ord_half", "ord_full", "echo_layer", "echo_shape", "normuon"]
+    assert [r.tag for r in sweep.runs] == [f"{c}-s{s}" for c in configs for s in range(16)]
+    assert len(range(16)) == track3.seeds_needed(3.2787)  # the n the spec's comment derives
+    assert all(r.flags["preset"] == "track3" and r.gpus == 8 for r in sweep.runs)
+    ord_args = [r.flags.get("optimizer_args") for r in sweep.runs if r.tag.startswith("ord_") and r.seed == 0]
+    assert ord_args == [{"spectral_lr_mul": 0.0, "decompose": True}, {"spectral_lr_mul": 0.5},
+                        {"spectral_lr_mul": 1.0}]
+    names = {r.flags["optimizer"] for r in sweep.runs}
+    # every name is registered; normuon is registered on the branch that adds it (merged separately)
+    assert names - set(OPTIMIZERS) <= {"normuon"} and names - {"normuon"} <= set(OPTIMIZERS)
