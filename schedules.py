@@ -27,3 +27,14 @@ def lr_multiplier(cfg: Hyperparameters, step: int) -> float:
 def momentum_at(cfg: Hyperparameters, step: int) -> float:
     frac = min(step / cfg.momentum_warmup_steps, 1) if cfg.momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * cfg.momentum_warmup_start + frac * cfg.momentum
+
+
+def validation_due(cfg: Hyperparameters, step: int) -> bool:
+    """Whether the loop validates before training step `step` (0-based; step == num_iterations is the end):
+    always at the end; every val_loss_every steps; with val_loss_every_late > 0, every val_loss_every_late steps
+    instead once step / num_iterations >= val_late_start (track 3: 125, then 25 in the last 10%)."""
+    if step == cfg.num_iterations:
+        return True
+    late = cfg.val_loss_every_late > 0 and step / cfg.num_iterations >= cfg.val_late_start
+    every = cfg.val_loss_every_late if late else cfg.val_loss_every
+    return every > 0 and step % every == 0

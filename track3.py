@@ -10,7 +10,7 @@ architecture, data and batch; the fewest steps to val loss 3.28. Its rules, as u
         ((old_mean - new_mean) + (old_steps - new_steps) / 100 * 0.0045) / sqrt(1 / n_old + 1 / n_new) >= 0.004,
     where 0.0045 val loss per 100 steps is the benchmark's measured exchange rate near the target.
 make_record.py (`--track track3`) applies these to logs; config.py calls `preset_problems` to refuse flags that
-would take a `track3` run off the benchmark.
+would take a `track3` run off the benchmark, and train_gpt.py logs `benchmark_statement`.
 """
 from __future__ import annotations
 
@@ -149,3 +149,74 @@ def compare_sets(old: SetResult, new: SetResult) -> Comparison:
                       loss_gain=float(old_losses.mean() - new_losses.mean()), step_gain=step_gain,
                       step_gain_loss=step_gain_loss, test="paired" if paired else "welch", t_statistic=t_stat,
                       p_value=p_value)
+
+
+# -----------------------------------------------------------------------------------------------
+# The preset's fence
+
+PRESET = "track3"
+# Fields the benchmark fixes (architecture, data, batch, target). Every Hyperparameters field is in FIXED_FIELDS or
+# FREE_FIELDS (a test checks it), so a field added later must be classified before track3 runs.
+FIXED_FIELDS = (
+    # architecture
+    "vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "merged_qkvo", "qk_norm",
+    "v_norm", "rotary", "rotary_base", "attn_scale", "num_value_embeds", "x0_mix", "skip_connections",
+    "mlp_only_layers", "relu_squared", "logit_softcap", "doc_mask", "bos_id", "sliding_window",
+    "long_window_layers", "max_window_tokens", "window_block", "linear_bias", "norm_gains",
+    # data and batch (micro_batch_tokens only splits the same batch into forward passes)
+    "train_files", "val_files", "val_tokens", "seq_len", "val_seq_len", "align_to_bos", "batch_tokens",
+    "val_loss_target",
+)
+# Free: the optimizer and its schedules, the initialisation (a freedom of the benchmark), step count, validation
+# cadence, memory splits and run control.
+FREE_FIELDS = (
+    "preset", "run_id", "log_dir", "seed", "device", "compile", "micro_batch_tokens", "val_batch_rows",
+    "hidden_init", "zero_init_proj", "num_iterations", "cooldown_frac", "final_lr_frac", "optimizer",
+    "optimizer_args", "lr", "momentum", "momentum_warmup_start", "momentum_warmup_steps", "weight_decay",
+    "mlp_weight_decay_mul", "head_lr", "embed_lr", "scalar_lr", "adam_beta1", "adam_beta2", "adam_eps",
+    "adam_weight_decay", "warmup_steps", "val_loss_every", "val_loss_every_late", "val_late_start", "print_every",
+    "checkpoint_every", "checkpoint_dir", "resume", "report_unigram", "debug_crash_at_step", "off_benchmark",
+)
+
+
+def benchmark_deviations(cfg) -> list[str]:
+    """The fixed fields whose value differs from the track3 preset's (empty for other presets)."""
+    from config import PRESETS, Hyperparameters
+
+    if cfg.preset != PRESET:
+        return []
+    reference = Hyperparameters(**PRESETS[PRESET])
+    return [name for name in FIXED_FIELDS if getattr(cfg, name) != getattr(reference, name)]
+
+
+def _flag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value!r}"
+
+
+def preset_problems(cfg) -> list[str]:
+    """A config error for flags that change what the track3 preset fixes, unless --off-benchmark is given."""
+    changed = benchmark_deviations(cfg)
+    if not changed or cfg.off_benchmark:
+        return []
+    flags = " ".join(_flag(name, getattr(cfg, name)) for name in changed)
+    return [f"{flags}: the run would leave the benchmark (--preset {PRESET} fixes the optimizer benchmark's "
+            "architecture, data and batch; only the optimizer, its schedules, the initialisation and the step count "
+            "are free). Drop the flag(s), or add --off-benchmark to run anyway with the log marked off-benchmark"]
+
+
+def benchmark_statement(cfg) -> str | None:
+    """The line a track3 run's log carries: on the benchmark (what is fixed) or off it (what changed)."""
+    if cfg.preset != PRESET:
+        return None
+    changed = benchmark_deviations(cfg)
+    if changed:
+        return (f"benchmark: OFF the optimizer benchmark (--off-benchmark): changed "
+                f"{' '.join(_flag(name, getattr(cfg, name)) for name in changed)}; not comparable with track-3 results")
+    return (f"benchmark: optimizer benchmark (modded-nanogpt track 3), target val loss {cfg.val_loss_target:g} in the "
+            f"fewest steps; fixed: GPT-2 small ({cfg.num_layers} layers, d {cfg.model_dim}, biases, norm gains, "
+            f"causal attention over {cfg.seq_len}-token rows), FineWeb, {cfg.batch_tokens} tokens/step, val on "
+            f"{cfg.val_tokens} tokens; free: optimizer {cfg.optimizer} and its settings, schedules, init, "
+            f"{cfg.num_iterations} steps; one forward-backward per step; significance: "
+            f"({cfg.val_loss_target:g} - mean) * sqrt(n) >= {MARGIN:g} over n runs (make_record.py --track track3)")

@@ -34,7 +34,8 @@ if REPO_ROOT not in sys.path:
 from config import (ConfigError, Hyperparameters, parse_config, parse_optimizer_args,  # noqa: E402
                     validate_config)
 from model import GPT  # noqa: E402
-from schedules import lr_multiplier, momentum_at, window_tokens_at  # noqa: E402
+import track3  # noqa: E402
+from schedules import lr_multiplier, momentum_at, validation_due, window_tokens_at  # noqa: E402
 
 
 # -----------------------------------------------------------------------------------------------
@@ -61,15 +62,17 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | N
                 attn_mats.append(p)
                 attn_names.append(f"blocks.{i}.{name}")
     embeds = [model.embed.weight] + [t.weight for t in model.value_embeds]
-    scalars.append(model.skip_weights)
     head = [model.head.weight]
+    # outside the blocks: skip weights, norm gains, the head's bias
+    scalars += [p for name, p in model.named_parameters() if not name.startswith("blocks.") and p.ndim < 2]
     grouped = attn_mats + mlp_mats + scalars + embeds + head
     assert len({id(p) for p in grouped}) == len(grouped) == len(list(model.parameters())), \
         "every parameter must land in exactly one optimizer group"
 
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     adam = DistAdam([dict(params=embeds, lr=cfg.embed_lr), dict(params=head, lr=cfg.head_lr),
-                     dict(params=scalars, lr=cfg.scalar_lr)], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps)
+                     dict(params=scalars, lr=cfg.scalar_lr)], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps,
+                    weight_decay=cfg.adam_weight_decay)
     matrix_cls = get_optimizer_class(cfg.optimizer)
     kwargs = parse_optimizer_args(cfg.optimizer_args)
     accepted = inspect.signature(matrix_cls.__init__).parameters
@@ -227,8 +230,8 @@ def evaluate(model, cfg: Hyperparameters, step: int, rank: int, world_size: int,
     total, count = torch.zeros((), device=device), 0
     window = window_tokens_at(cfg, step)
     with torch.no_grad(), autocast(device):
-        for inputs, targets in iter_val_batches(cfg.val_files, 1, cfg.val_seq_len, cfg.val_tokens, rank=rank,
-                                                world_size=world_size, device=device):
+        for inputs, targets in iter_val_batches(cfg.val_files, cfg.val_batch_rows, cfg.val_seq_len, cfg.val_tokens,
+                                                rank=rank, world_size=world_size, device=device):
             masks = model_masks(model, inputs, window, use_flex)
             total += model(inputs, targets, masks).float()
             count += 1
@@ -264,6 +267,14 @@ def optimizer_summary(opt) -> list[str]:
         for entry in report():
             lines.append("echo curve: " + json.dumps(entry, default=float))
     return lines
+
+
+def steps_to_target_line(val_losses: dict[int, float], target: float) -> str:
+    """The run's steps-to-target: the first validation at or below target (runlog reads the same from the log)."""
+    reached = [step for step, loss in sorted(val_losses.items()) if loss <= target]
+    if reached:
+        return f"steps to target val_loss {target:g}: {reached[0]}"
+    return f"steps to target val_loss {target:g}: not reached (best {min(val_losses.values()):.4f})"
 
 
 def format_duration(seconds: float) -> str:
@@ -315,6 +326,9 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     model = GPT(cfg).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     log.write(f"model: {num_params / 1e6:.2f}M parameters, {cfg.num_layers} layers, d={cfg.model_dim}")
+    statement = track3.benchmark_statement(cfg)
+    if statement:
+        log.write(statement)
     diagnostics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.{cfg.optimizer}.jsonl")
     optimizers = build_optimizers(model, cfg, diagnostics_path)
     if getattr(optimizers[1], "diagnostics_path", None):
@@ -323,7 +337,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     record_replicate = getattr(optimizers[1], "add_replicate_gradients", None)
     use_flex = device.type == "cuda"
     rows = cfg.micro_batch_tokens // cfg.seq_len
-    if use_flex and rows != 1:
+    if use_flex and rows != 1 and model.needs_masks:
         raise ConfigError(f"on CUDA each rank packs one row per micro-batch: set --seq-len {cfg.micro_batch_tokens}")
     loader = DistributedTokenLoader(cfg.train_files, rows, cfg.seq_len, rank=rank, world_size=world_size,
                                     align_to_bos=cfg.align_to_bos, bos_id=cfg.bos_id, device=device)
@@ -395,8 +409,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     t0 = time.perf_counter()
     for step in range(start_step, total + 1):
         last = step == total
-        validate_now = last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0)
-        if validate_now and not (resume_meta is not None and step == start_step):
+        if validation_due(cfg, step) and not (resume_meta is not None and step == start_step):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
@@ -437,6 +450,8 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
                   f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     for line in optimizer_summary(optimizers[1]):
         log.write(line)
+    if cfg.val_loss_target > 0 and val_losses:
+        log.write(steps_to_target_line(val_losses, cfg.val_loss_target))
     if cfg.report_unigram and master:
         from data.shards import unigram_cross_entropy
         unigram = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=50257)

@@ -224,3 +224,238 @@ def test_sweep_spec_names_registered_optimizers_and_the_seeds():
     names = {r.flags["optimizer"] for r in sweep.runs}
     # every name is registered; normuon is registered on the branch that adds it (merged separately)
     assert names - set(OPTIMIZERS) <= {"normuon"} and names - {"normuon"} <= set(OPTIMIZERS)
+
+
+# ----------------------------------------------------------------------------------------------- the preset
+
+
+def test_every_config_field_is_fixed_or_free():
+    import dataclasses
+
+    from config import Hyperparameters
+
+    fields = {f.name for f in dataclasses.fields(Hyperparameters)}
+    fixed, free = set(track3.FIXED_FIELDS), set(track3.FREE_FIELDS)
+    assert not fixed & free and fixed | free == fields, (
+        f"classify for --preset track3: unclassified {sorted(fields - fixed - free)}, "
+        f"unknown {sorted((fixed | free) - fields)}")
+
+
+def test_preset_is_the_baseline_recipe_and_parameter_count_matches_the_shapes():
+    import torch
+
+    from config import parse_config
+    from model import GPT
+
+    cfg = parse_config(["--preset", "track3"])
+    assert (cfg.num_iterations, cfg.batch_tokens, cfg.seq_len, cfg.num_layers, cfg.model_dim) == (3250, 524288, 1024,
+                                                                                                   12, 768)
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr) == (
+        "muon", 0.025, 0.05, 0.7, 0.004, 0.015)
+    assert cfg.adam_weight_decay == 0.001 and cfg.adam_eps * 524288 == 1e-10 and cfg.val_tokens == 20 * 524288
+    with torch.device("meta"):
+        model = GPT(cfg)
+    # GPT-2 small (124M with tied embeddings and learned positions): 12 blocks of q, k, v, o (d x d + d each),
+    # MLP d -> 4d -> d with biases and two norm gains; untied embedding and head (with bias); two global gains.
+    V, d, L = 50304, 768, 12
+    block = 4 * (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + 2 * d
+    expected = V * d + L * block + (V * d + V) + 2 * d
+    assert block == 7_086_336 and expected == 162_354_816
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert sum(p.numel() for p in model.blocks.parameters()) == 85_036_032  # the 85M hidden part of "124M"
+
+
+def tiny_track3_args(*extra):
+    return ["--preset", "track3", "--off-benchmark", "--num-layers", "2", "--model-dim", "64", "--num-heads", "2",
+            "--head-dim", "32", "--vocab-size", "96", "--seq-len", "16", *extra]
+
+
+def reference_forward(params: dict, idx, num_heads: int, softcap: float = 15.0, scale: float = 0.12):
+    """The track-3 baseline architecture written out in float64 from its definition: RMSNorm with gains after the
+    embedding; per block x += proj(attn(norm1(x))), x += mlp(norm2(x)); q, k RMS-normed, half-truncated rotary
+    (head_dim/4 frequencies (1/1024)^linspace(0, 1), the rest unrotated), causal softmax with scale 0.12; ReLU^2
+    MLP; final norm, head with bias, softcap 15 z / sqrt(z^2 + 225). Returns logits (B, T, V)."""
+    import torch
+
+    P = {k: v.detach().double() for k, v in params.items()}
+    eps = torch.finfo(torch.float32).eps  # F.rms_norm's default for float32 inputs
+
+    def norm(x, gain=None):
+        y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+        return y if gain is None else y * gain
+
+    def rotate(x):  # (B, T, H, D)
+        D = x.size(-1)
+        freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, D // 4, dtype=torch.float32),
+                           torch.zeros(D // 4)]).double()
+        angle = torch.arange(x.size(1), dtype=torch.float64)[:, None] * freqs  # (T, D/2)
+        cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
+        a, b = x[..., : D // 2], x[..., D // 2:]
+        return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
+
+    B, T = idx.shape
+    x = norm(P["embed.weight"][idx], P["embed_gain"])
+    layers = sorted({int(k.split(".")[1]) for k in P if k.startswith("blocks.")})
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in layers:
+        p = {k[len(f"blocks.{i}."):]: v for k, v in P.items() if k.startswith(f"blocks.{i}.")}
+        h = norm(x, p["attn_gain"])
+        q, k, v = (h @ p[f"attn.{n}_w"].T + p[f"attn.{n}_b"] for n in "qkv")
+        q, k, v = (t.view(B, T, num_heads, -1) for t in (q, k, v))
+        q, k = rotate(norm(q)), rotate(norm(k))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, T, -1)
+        x = x + y @ p["attn.o_w"].T + p["attn.o_b"]
+        h = norm(x, p["mlp_gain"])
+        x = x + (torch.relu(h @ p["mlp.fc_w"].T + p["mlp.fc_b"]) ** 2) @ p["mlp.proj_w"].T + p["mlp.proj_b"]
+    z = norm(x, P["final_gain"]) @ P["head.weight"].T + P["head.bias"]
+    return softcap * z / torch.sqrt(z * z + softcap**2)
+
+
+def test_forward_equals_a_minimal_reference_of_the_architecture():
+    import torch
+    import torch.nn.functional as F
+
+    from config import parse_config
+    from model import GPT
+
+    cfg = parse_config(tiny_track3_args())
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():  # every weight random (the init zeroes projections, biases; gains start at 1)
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 1 / p.shape[-1] ** 0.5) + (1.0 if p.ndim < 2 else 0))
+    idx = torch.randint(0, 96, (3, 16))
+    targets = torch.randint(0, 96, (3, 16))
+    masks = model.attention_masks(idx, 16, use_flex=False)
+    assert masks == {"long": None, "short": None}  # no document mask, no window: plain causal
+    logits = model(idx, None, masks)
+    expected = reference_forward(dict(model.named_parameters()), idx, num_heads=2)
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    loss = model(idx, targets, masks)
+    torch.testing.assert_close(loss.double(), F.cross_entropy(expected.view(-1, 96), targets.view(-1)),
+                               rtol=1e-5, atol=1e-6)
+    # rows are independent sequences: the same row alone gives the same logits
+    torch.testing.assert_close(model(idx[1:2], None, masks), logits[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_groups_are_the_baselines():
+    """Muon on the 2-D block weights; AdamW on the embedding (lr 0.7), the head weight (0.004) and every 1-D
+    parameter (0.015: biases, the head's bias, norm gains), all with weight decay 0.001: the baseline's split."""
+    import train_gpt
+    from config import parse_config
+    from model import GPT
+
+    cfg = parse_config(tiny_track3_args())
+    model = GPT(cfg)
+    adam, matrix = train_gpt.build_optimizers(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["lr"]: sorted(names[id(p)] for p in g["params"]) for g in adam.param_groups}
+    assert groups[0.7] == ["embed.weight"] and groups[0.004] == ["head.weight"]
+    assert groups[0.015] == sorted(n for n, p in model.named_parameters() if p.ndim < 2)
+    assert "head.bias" in groups[0.015] and "embed_gain" in groups[0.015] and "blocks.1.attn.o_b" in groups[0.015]
+    assert {g["weight_decay"] for g in adam.param_groups} == {0.001} and adam.defaults["eps"] == 1e-10 / 524288
+    muon = sorted(names[id(p)] for g in matrix.param_groups for p in g["params"])
+    assert muon == sorted(n for n, p in model.blocks.named_parameters(prefix="blocks") if p.ndim == 2)
+    assert len(muon) == 2 * 6 and {g["weight_decay"] * g["weight_decay_mul"] for g in matrix.param_groups} == {0.05}
+
+
+def test_schedule_at_its_boundary_steps():
+    from config import parse_config
+    from schedules import lr_multiplier, momentum_at, validation_due
+
+    cfg = parse_config(["--preset", "track3"])
+    # stable for progress < 0.3, then linear to 0 over the last 70% (step / 3250; 975 / 3250 = 0.3 exactly)
+    assert [lr_multiplier(cfg, s) for s in (0, 974, 975)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(cfg, 976) == pytest.approx((1 - 976 / 3250) / 0.7, rel=1e-12)
+    assert lr_multiplier(cfg, 2000) == pytest.approx(1250 / 3250 / 0.7, rel=1e-12)
+    assert lr_multiplier(cfg, 3249) == pytest.approx(1 / 3250 / 0.7, rel=1e-12)
+    assert {momentum_at(cfg, s) for s in (0, 1, 150, 299, 300, 3249)} == {0.95}  # no momentum warm-up
+    # validation: every 125 steps while step / 3250 < 0.9, then every 25 (from 2925 = 0.9 * 3250), and the end
+    due = [s for s in range(3251) if validation_due(cfg, s)]
+    assert due == track3_val_steps(3250) and len(due) == 38
+    assert due[22:26] == [2750, 2875, 2925, 2950] and 2900 not in due and due[-2:] == [3225, 3250]
+
+
+def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
+    import train_gpt
+    from config import ConfigError, parse_config, validate_config
+
+    demo = os.path.join(ROOT, "data", "demo")
+    data = ["--train-files", os.path.join(demo, "demo_train_*.bin"), "--val-files", os.path.join(demo, "demo_val_*.bin")]
+    refused = [["--num-layers", "2"], ["--batch-tokens", "262144"], ["--no-linear-bias"], ["--seq-len", "2048"],
+               ["--val-loss-target", "3.3"], data]
+    for flags in refused:
+        with pytest.raises(ConfigError, match="would leave the benchmark") as info:
+            validate_config(parse_config(["--preset", "track3", *flags]), 1)
+        assert flags[0] in str(info.value) and "--off-benchmark" in str(info.value)
+    # free: the optimizer and its settings, schedules, init, steps, memory splits, validation cadence
+    free = parse_config(["--preset", "track3", "--optimizer", "spectral_ord", "--optimizer-args", "spectral_lr_mul=1",
+                         "--lr", "0.02", "--weight-decay", "0", "--num-iterations", "3000", "--hidden-init", "uniform",
+                         "--micro-batch-tokens", "32768", "--val-batch-rows", "16", "--val-loss-every-late", "50"])
+    assert track3.preset_problems(free) == [] and track3.benchmark_deviations(free) == []
+    # --off-benchmark lets the run start and the log says what changed
+    off = parse_config(["--preset", "track3", "--num-layers", "2", "--off-benchmark"])
+    assert track3.preset_problems(off) == [] and track3.benchmark_deviations(off) == ["num_layers"]
+    assert "OFF the optimizer benchmark" in track3.benchmark_statement(off) and "--num-layers 2" in track3.benchmark_statement(off)
+    on = track3.benchmark_statement(parse_config(["--preset", "track3"]))
+    for text in ("12 layers", "d 768", "524288 tokens/step", "3250 steps", "3.28", "sqrt(n) >= 0.004"):
+        assert text in on
+    assert track3.benchmark_statement(parse_config(["--preset", "cpu-tiny"])) is None
+    # the CLI: exit code 2, the message names the flag, nothing is written
+    assert train_gpt.main(["--preset", "track3", "--num-layers", "2", "--log-dir", str(tmp_path)]) == 2
+    assert "--num-layers 2: the run would leave the benchmark" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def chain_shards(tmp_path_factory):
+    """Tokens of a noisy cycle over 512 ids (next = 7 x + 3 mod 512, 10% random): learnable in a few steps."""
+    from data.shards import write_shard
+
+    out = tmp_path_factory.mktemp("chain")
+    rng = np.random.default_rng(0)
+    for name, n in (("chain_val_000000.bin", 4096), ("chain_train_000001.bin", 40000)):
+        tokens = np.zeros(n, dtype=np.int64)
+        noise, random_ids = rng.random(n) < 0.1, rng.integers(0, 512, n)
+        for t in range(1, n):
+            tokens[t] = random_ids[t] if noise[t] else (7 * tokens[t - 1] + 3) % 512
+        write_shard(str(out / name), tokens.astype(np.uint16))
+    return str(out / "chain_train_*.bin"), str(out / "chain_val_*.bin")
+
+
+@pytest.mark.slow
+def test_tiny_run_of_the_preset_recipe(tmp_path, chain_shards):
+    """The track3 recipe (biases, gains, causal rows, Muon + AdamW with weight decay, the late validation cadence,
+    the steps-to-target line) at 2 layers, d 64 and a 512-token vocabulary, through train_gpt.py."""
+    import subprocess
+    import sys
+
+    train_files, val_files = chain_shards
+    args = tiny_track3_args() + [
+        "--vocab-size", "512", "--seq-len", "64", "--micro-batch-tokens", "256", "--batch-tokens", "512",
+        "--val-seq-len", "64", "--val-batch-rows", "4", "--val-tokens", "2048", "--train-files", train_files,
+        "--val-files", val_files, "--num-iterations", "30", "--val-loss-every", "10", "--val-loss-every-late", "4",
+        "--val-late-start", "0.75", "--val-loss-target", "3.5", "--no-compile", "--warmup-steps", "0",
+        "--run-id", "tiny", "--log-dir", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = runlog.parse_log(tmp_path / "tiny.txt")
+    assert log.finished and log.config["preset"] == "track3" and log.config["off_benchmark"] is True
+    assert log.config["linear_bias"] and log.config["norm_gains"] and log.config["adam_weight_decay"] == 0.001
+    assert [p.step for p in log.val] == [0, 10, 20, 24, 28, 30]  # every 10, then every 4 from 0.75 * 30
+    assert log.val[0].loss == pytest.approx(math.log(512), abs=0.05)  # zero head: uniform logits at step 0
+    assert log.final_val.loss < log.val[0].loss - 2.0  # measured 6.24 -> 2.96
+    text = open(tmp_path / "tiny.txt").read()
+    assert "benchmark: OFF the optimizer benchmark (--off-benchmark): changed --vocab-size 512" in text
+    reached = log.first_val_at_or_below(3.5)
+    assert reached is not None and f"steps to target val_loss 3.5: {reached.step}\n" in text
+    # without --off-benchmark the same command is refused before any work
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"),
+                           *[a for a in args if a != "--off-benchmark"], "--run-id", "refused"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "would leave the benchmark" in proc.stderr
+    assert not os.path.exists(tmp_path / "refused.txt")
