@@ -139,7 +139,8 @@ class CausalSelfAttention(nn.Module):
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if attn_mask is None:  # no document mask, no window: plain causal attention within each row
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            # one dtype for all three (v skips the norm, so under autocast it may differ from q and k)
+            y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), is_causal=True, scale=self.scale)
         elif isinstance(attn_mask, torch.Tensor):  # CPU path: dense boolean mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         else:  # CUDA path: FlexAttention BlockMask, through a compiled kernel (eager would materialise T x T scores)

@@ -383,7 +383,8 @@ def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
     from config import ConfigError, parse_config, validate_config
 
     demo = os.path.join(ROOT, "data", "demo")
-    data = ["--train-files", os.path.join(demo, "demo_train_*.bin"), "--val-files", os.path.join(demo, "demo_val_*.bin")]
+    data = ["--train-files", os.path.join(demo, "demo_train_*.bin"),
+            "--val-files", os.path.join(demo, "demo_val_*.bin")]
     refused = [["--num-layers", "2"], ["--batch-tokens", "262144"], ["--no-linear-bias"], ["--seq-len", "2048"],
                ["--val-loss-target", "3.3"], data]
     for flags in refused:
@@ -398,7 +399,8 @@ def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
     # --off-benchmark lets the run start and the log says what changed
     off = parse_config(["--preset", "track3", "--num-layers", "2", "--off-benchmark"])
     assert track3.preset_problems(off) == [] and track3.benchmark_deviations(off) == ["num_layers"]
-    assert "OFF the optimizer benchmark" in track3.benchmark_statement(off) and "--num-layers 2" in track3.benchmark_statement(off)
+    statement = track3.benchmark_statement(off)
+    assert "OFF the optimizer benchmark" in statement and "--num-layers 2" in statement
     on = track3.benchmark_statement(parse_config(["--preset", "track3"]))
     for text in ("12 layers", "d 768", "524288 tokens/step", "3250 steps", "3.28", "sqrt(n) >= 0.004"):
         assert text in on
@@ -459,3 +461,24 @@ def test_tiny_run_of_the_preset_recipe(tmp_path, chain_shards):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "would leave the benchmark" in proc.stderr
     assert not os.path.exists(tmp_path / "refused.txt")
+
+
+@pytest.mark.slow
+def test_gpu_cost_script_runs_small_on_the_cpu(tmp_path):
+    """bench/track3_step_cost.py (what bench/gpu_track3.sh runs on one GPU) at its tiny size, so it cannot rot."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRACK3_SIZE="tiny", TIMED_STEPS="3")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_track3.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    log = runlog.parse_log(tmp_path / summary["log"])
+    times = {p.step: p.train_time_ms for p in log.train}
+    assert summary["size"] == "tiny" and summary["timed_steps"] == 3 and log.total_steps == 4
+    assert summary["step_ms"] == pytest.approx((times[4] - times[1]) / 3)  # steps 2..4, after 1 untimed step
+    assert summary["step_ms_each"] == [times[s] - times[s - 1] for s in (2, 3, 4)]
+    assert summary["estimate_full_run"]["validations"] == 38 and summary["val_s"] >= 0
+    assert summary["model"]["parameters_m"] > 0 and "torch" in summary and "triton" in summary
+    assert "track3 on one device" in proc.stdout
