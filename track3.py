@@ -10,7 +10,8 @@ architecture, data and batch; the fewest steps to val loss 3.28. Its rules, as u
         ((old_mean - new_mean) + (old_steps - new_steps) / 100 * 0.0045) / sqrt(1 / n_old + 1 / n_new) >= 0.004,
     where 0.0045 val loss per 100 steps is the benchmark's measured exchange rate near the target.
 make_record.py (`--track track3`) applies these to logs; config.py calls `preset_problems` to refuse flags that
-would take a `track3` run off the benchmark, and train_gpt.py logs `benchmark_statement`.
+would take a `track3` run off the benchmark, and train_gpt.py logs `benchmark_statement` (the hook for `--dry-run`:
+that line names the steps, tokens/step, layers and width a track3 run will use).
 """
 from __future__ import annotations
 
