@@ -224,6 +224,15 @@ def test_sweep_spec_names_registered_optimizers_and_the_seeds():
     names = {r.flags["optimizer"] for r in sweep.runs}
     # every name is registered; normuon is registered on the branch that adds it (merged separately)
     assert names - set(OPTIMIZERS) <= {"normuon"} and names - {"normuon"} <= set(OPTIMIZERS)
+    # every command parses, stays on the benchmark and differs from the baseline only in optimizer settings
+    from config import parse_config, parse_optimizer_args
+
+    for run in sweep.runs[::16]:
+        command = launch_sweep.build_command(run, sweep, ["torchrun"])
+        assert command[2] == "--nproc_per_node=8"
+        cfg = parse_config(command[4:])
+        assert track3.preset_problems(cfg) == [] and cfg.num_iterations == 3250 and cfg.seed == 0
+        assert parse_optimizer_args(cfg.optimizer_args) == run.flags.get("optimizer_args", {})
 
 
 # ----------------------------------------------------------------------------------------------- the preset
