@@ -7,9 +7,17 @@ How a step runs (`ShardedMatrixOptimizer.step`):
      All buckets' reductions are launched (async) before any bucket is processed, so communication overlaps
      with the maths of earlier buckets.
   3. Rank r owns stack entries [r * per_rank, (r + 1) * per_rank) clipped to [0, n). For its owned slice it
-     calls `compute_update(group, owned, W, grads, states)` -> U (n_own, *shape), then applies
+     calls `compute_update(group, owned, W, grads, states)` -> U (n_own, *shape), then applies, with the step
+     multiplier s = lr_mul * update_scale(shape) (update_scale only under shape_scale="muon", else 1):
+       plain decay (default):
          W <- W * (1 - lr * weight_decay * weight_decay_mul)      (decoupled weight decay)
-         W <- W - lr * update_scale(shape) * U
+         W <- W - lr * s * U
+       cautious_weight_decay=True (record 18's form, applied elementwise with the mask from the old W):
+         W <- W - (lr * weight_decay * weight_decay_mul) * (lr * s) * [U * W >= 0] * W - lr * s * U
+     Cautious decay shrinks only the entries the update already pushes towards zero (update and weight of the
+     same sign; a zero product counts). Units differ between the two forms: plain decay removes a fraction
+     lr * weight_decay of W per step, cautious decay a fraction lr^2 * s * weight_decay, so its weight_decay
+     is larger (the record uses 1.2 with lr 0.015 x schedule, against 0.01 to 0.1 for plain decay).
   4. The updated owned slices are all-gathered (async, waited at the end) and copied back, so every rank ends
      with identical parameters.
 Without an initialised process group (world size 1) there is no communication at all: the single rank owns
@@ -26,6 +34,16 @@ Subclass contract:
     (e.g. per-replicate partial sums); it is called for all buckets before the first `wait()`.
   - `update_scale(shape)`: lr multiplier per shape, default max(1, M/N)^0.5 with (M, N) the last two dims.
   - `validate_group(group)` / `validate_param(p)`: argument checks, run for every param group added.
+
+Group keys the base adds to every group (each may be set per group, or as a constructor default):
+  - lr_mul (float >= 0, default 1.0): per-matrix lr multiplier, multiplied into the step (and, under cautious
+    decay, into the decay, as in the record).
+  - shape_scale ("muon" default | "none"): "muon" multiplies the step by update_scale(shape); "none" leaves the
+    whole per-matrix multiplier to lr_mul. A preset that copies record 18 uses "none" with the record's products
+    of shape factor and lr_mul as lr_mul: attention 2, MLP up 2, MLP down 4, gates 0.1. (The record's shape
+    factor max(1, rows/cols)^0.5 is read off its own layouts, a (4d, d) merged QKVO and a (4d, d) transposed MLP
+    down projection, so it differs from ours on a (4, d, d) QKVO stack or a (d, 4d) down projection.)
+  - weight_decay_mul (float >= 0, default 1.0) and cautious_weight_decay (bool, default False): see step 3.
 
 Gradients: a parameter with `requires_grad=False` is left out (the same on every rank). A parameter that
 requires grad but has `grad is None` on this rank contributes a zero gradient, so all ranks stay in step
@@ -119,6 +137,40 @@ class PendingGrads:
         return self._value
 
 
+SHAPE_SCALES = ("muon", "none")
+# keys every group of a sharded optimizer carries (see the module docstring), with their defaults
+SHARDED_GROUP_DEFAULTS = dict(weight_decay_mul=1.0, lr_mul=1.0, shape_scale="muon", cautious_weight_decay=False)
+
+
+def check_sharded_group(group: dict) -> None:
+    """ValueError for a bad value of a key the sharded base reads (lr_mul, shape_scale, cautious_weight_decay)."""
+    lr_mul = group["lr_mul"]
+    if isinstance(lr_mul, bool) or not isinstance(lr_mul, (int, float)) or not lr_mul >= 0:
+        raise ValueError(f"lr_mul must be a number >= 0 (per-matrix lr multiplier), got {lr_mul!r}")
+    if group["shape_scale"] not in SHAPE_SCALES:
+        raise ValueError(f"shape_scale must be one of {SHAPE_SCALES} (\"none\": lr_mul alone scales the step), "
+                         f"got {group['shape_scale']!r}")
+    if not isinstance(group["cautious_weight_decay"], bool):
+        raise ValueError(f"cautious_weight_decay must be True or False, got {group['cautious_weight_decay']!r}")
+
+
+def apply_decay_and_step(W: torch.Tensor, update: torch.Tensor, step_lr: float, decay: float, cautious: bool,
+                         strict: bool = False) -> None:
+    """In place on W (any shape; update the same shape): weight decay, then W -= step_lr * update.
+
+    decay: the plain per-step fraction lr * weight_decay * weight_decay_mul.
+    Plain: W *= 1 - decay. Cautious (record 18): W -= decay * step_lr * mask * W with mask = update * W >= 0
+    (> 0 if strict, the record's form for Adam), taken from W before this step.
+    """
+    if cautious:
+        product = update * W
+        mask = product > 0 if strict else product >= 0
+        W.addcmul_(W, mask.to(W.dtype), value=-decay * step_lr)
+    else:
+        W.mul_(1 - decay)
+    W.add_(update, alpha=-step_lr)
+
+
 class ShardedMatrixOptimizer(torch.optim.Optimizer):
     """Base for optimizers of 2-D / 3-D weight matrices; see the module docstring for the contract."""
 
@@ -141,6 +193,11 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         rows, cols = shape[-2], shape[-1]
         return max(1.0, rows / cols) ** 0.5
 
+    def step_multiplier(self, group: dict, shape: torch.Size) -> float:
+        """lr_mul times update_scale(shape) (shape_scale "muon") or times 1 (shape_scale "none")."""
+        shape_factor = self.update_scale(shape) if group["shape_scale"] == "muon" else 1.0
+        return group["lr_mul"] * shape_factor
+
     def compute_update(self, group: dict, owned: list[torch.Tensor], W: torch.Tensor, grads: Any,
                        states: list[dict]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement compute_update")
@@ -160,8 +217,10 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group.setdefault("weight_decay_mul", 1.0)
+        for key, default in SHARDED_GROUP_DEFAULTS.items():
+            group.setdefault(key, default)
         group.setdefault("step", 0)
+        check_sharded_group(group)
         self.validate_group(group)
         for p in group["params"]:
             self.validate_param(p)
@@ -190,8 +249,9 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         if owned:
             states = [self.state[p] for p in owned]
             update = self.compute_update(group, owned, W, grads, states)
-            W.mul_(1 - group["lr"] * group["weight_decay"] * group["weight_decay_mul"])
-            W.add_(update, alpha=-group["lr"] * self.update_scale(bucket.shape))
+            apply_decay_and_step(W, update, group["lr"] * self.step_multiplier(group, bucket.shape),
+                                 group["lr"] * group["weight_decay"] * group["weight_decay_mul"],
+                                 group["cautious_weight_decay"])
         if bucket.world_size == 1:
             torch._foreach_copy_(owned, list(W.unbind(0)))
             return lambda: None

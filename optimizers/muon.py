@@ -5,9 +5,10 @@ Per matrix W (M, N) with averaged gradient g, momentum mu and learning rate lr:
     g_eff = g + mu (buf - g)  if nesterov  else  buf    (g.lerp(buf, mu))
     O     = msign(g_eff)                                (~ U V^T of g_eff's SVD)
     W    <- W (1 - lr * weight_decay * weight_decay_mul)
-    W    <- W - lr * max(1, M/N)^0.5 * O
+    W    <- W - lr * lr_mul * max(1, M/N)^0.5 * O
 lr is in units of spectral norm per update (O has singular values ~1). 3-D parameters (B, M, N) are stacks of
-B matrices, each orthogonalised separately. Sharding over ranks comes from ShardedMatrixOptimizer.
+B matrices, each orthogonalised separately. Sharding over ranks, the per-matrix multiplier (lr_mul, shape_scale)
+and the cautious weight decay option come from ShardedMatrixOptimizer (optimizers/distributed.py).
 """
 from __future__ import annotations
 
@@ -50,17 +51,24 @@ class Muon(ShardedMatrixOptimizer):
         nesterov: use g.lerp(buf, mu) (Nesterov-style) instead of buf.
         weight_decay: decoupled, W *= 1 - lr * weight_decay * weight_decay_mul (group key, default 1).
         msign_steps: Polar Express iterations; msign_backend: passed to kernels.msign (None = auto).
+        cautious_weight_decay: record 18's cautious decay instead of plain decay; its weight_decay is per lr^2
+            (see optimizers/distributed.py, step 3).
+        shape_scale: "muon" (step x max(1, M/N)^0.5) or "none" (lr_mul alone); lr_mul is a group key (default 1).
     """
 
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None):
-        super().__init__(params, self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend))
+                 weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None,
+                 cautious_weight_decay: bool = False, shape_scale: str = "muon"):
+        super().__init__(params, self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
+                                                    cautious_weight_decay, shape_scale))
 
     @staticmethod
-    def muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend) -> dict:
+    def muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
+                      cautious_weight_decay: bool = False, shape_scale: str = "muon") -> dict:
         """Group defaults shared by Muon and its subclasses (which add their own keys)."""
         return dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                    weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend)
+                    weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend,
+                    cautious_weight_decay=cautious_weight_decay, shape_scale=shape_scale)
 
     def validate_group(self, group: dict) -> None:
         check_muon_hyperparameters(group)

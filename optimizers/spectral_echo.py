@@ -173,12 +173,12 @@ class SpectralEcho(Muon):
                  weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None,
                  shrink: bool = True, fit_every: int = 50, fit_scope: str = "layer", c_rel: float | None = None,
                  normalize: str = "top", n_bins: int = 24, bin_min: float = 1e-4, power_iters: int = 6,
-                 soft_polish: int = 2, param_names: list[str] | None = None):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        weight_decay_mul=1.0, msign_steps=msign_steps, msign_backend=msign_backend,
-                        shrink=shrink, fit_every=fit_every, fit_scope=fit_scope, c_rel=c_rel,
-                        normalize=normalize, n_bins=n_bins, bin_min=bin_min, power_iters=power_iters,
-                        soft_polish=soft_polish)
+                 soft_polish: int = 2, param_names: list[str] | None = None, cautious_weight_decay: bool = False,
+                 shape_scale: str = "muon"):
+        defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
+                                      cautious_weight_decay, shape_scale)
+        defaults.update(shrink=shrink, fit_every=fit_every, fit_scope=fit_scope, c_rel=c_rel, normalize=normalize,
+                        n_bins=n_bins, bin_min=bin_min, power_iters=power_iters, soft_polish=soft_polish)
         self._micro: dict[torch.Tensor, list[torch.Tensor]] = {}  # param -> per-micro-step gradients (fit steps)
         self._micro_total: dict[torch.Tensor, torch.Tensor] = {}  # param -> gradient recorded so far
         self._pending_stats: dict[tuple, list] = {}  # (group index, shape) -> [(param, bin stats)] of this step

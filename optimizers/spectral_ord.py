@@ -97,7 +97,8 @@ def radial_snr(rho_k: torch.Tensor) -> float | None:
 class SpectralORD(Muon):
     """Muon with orthogonal-radial decomposition; see the module docstring for the maths and diagnostics.
 
-    Args (besides Muon's lr, momentum, nesterov, weight_decay, msign_steps, msign_backend):
+    Args (besides Muon's lr, momentum, nesterov, weight_decay, msign_steps, msign_backend, cautious_weight_decay,
+    shape_scale):
         spectral_lr_mul: alpha, weight of the radial term G_par (group key, like lr).
         decompose: orthogonalise G_perp (True) or G (False); None = on iff spectral_lr_mul != 0.
         scale_mode: "raw" (U = P + alpha G_par) or "matched" (G_par rescaled by ||P|| / ||G||).
@@ -110,7 +111,8 @@ class SpectralORD(Muon):
                  weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None,
                  spectral_lr_mul: float = 0.0, decompose: bool | None = None, scale_mode: str = "raw",
                  reproject: bool = False, diagnostics_every: int = 0, diagnostics_path: str | None = None,
-                 param_names: list[str] | None = None):
+                 param_names: list[str] | None = None, cautious_weight_decay: bool = False,
+                 shape_scale: str = "muon"):
         if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 0:
             raise ValueError(f"diagnostics_every must be an integer >= 0 (0 = off), got {diagnostics_every!r}")
         if diagnostics_path is not None and diagnostics_every == 0:
@@ -123,7 +125,8 @@ class SpectralORD(Muon):
         self._line_offsets: list[int] = []  # rank 0: byte offset of each written entry in diagnostics_path
         self._pending_records: list[dict] = []
         self._replicate_rho: dict[torch.Tensor, torch.Tensor] = {}  # param -> (K, B) on diagnostic steps
-        defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend)
+        defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
+                                      cautious_weight_decay, shape_scale)
         defaults.update(spectral_lr_mul=spectral_lr_mul, decompose=decompose, scale_mode=scale_mode,
                         reproject=reproject)
         ShardedMatrixOptimizer.__init__(self, params, defaults)

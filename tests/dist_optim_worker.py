@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from optimizers import AdamWMatrix, DistAdam, Muon  # noqa: E402
+from optimizers import AdamWMatrix, DistAdam, Muon, NorMuon  # noqa: E402
 
 # Bucket sizes 3, 2, 1 and 1: none is a multiple of 2 ranks; (5, 5) alone leaves rank 1 owning nothing.
 MATRIX_SHAPES = [(8, 12), (8, 12), (12, 8), (8, 12), (12, 8), (2, 6, 10), (5, 5)]
@@ -66,6 +66,16 @@ def build(name: str, params: list[torch.nn.Parameter],
     if name == "adam":
         return DistAdam([dict(params=params[:3]), dict(params=params[3:], lr=0.02, weight_decay_mul=0.5)],
                         lr=0.01, weight_decay=0.1)
+    if name == "adam_cautious_every2":  # record 18's Adam: cautious decay, a step on every second call
+        return DistAdam([dict(params=params[:3], lr_mul=2.0), dict(params=params[3:], weight_decay_mul=3.0)],
+                        lr=0.01, weight_decay=2.0, cautious_weight_decay=True, step_every=2)
+    if name == "normuon":  # cautious decay, lr_mul, forced row normalisation in the second group
+        groups = matrix_groups(params, lr_mul=2.0)
+        groups[1]["neuron_axis"] = "rows"
+        return NorMuon(groups, lr=0.02, momentum=0.9, beta2=0.9, weight_decay=2.0, cautious_weight_decay=True)
+    if name == "muon_cautious":
+        return Muon(matrix_groups(params, lr_mul=3.0), lr=0.02, momentum=0.9, weight_decay=2.0,
+                    cautious_weight_decay=True, shape_scale="none")
     if name == "adamw_matrix":
         return AdamWMatrix(params, lr=0.01, momentum=0.95, weight_decay=0.1)
     if name.startswith("ord"):
@@ -84,7 +94,7 @@ def build(name: str, params: list[torch.nn.Parameter],
 
 
 def shapes_for(name: str) -> list[tuple]:
-    return ADAM_SHAPES if name == "adam" else MATRIX_SHAPES
+    return ADAM_SHAPES if name in ("adam", "adam_cautious_every2") else MATRIX_SHAPES
 
 
 def run_scenario(name: str, grads_fn, steps: int = STEPS, diagnostics_path: str | None = None):

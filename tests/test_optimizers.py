@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels.polar_express import msign_reference
-from optimizers import OPTIMIZERS, AdamWMatrix, DistAdam, Muon, get_optimizer_class
+from optimizers import OPTIMIZERS, AdamWMatrix, DistAdam, Muon, NorMuon, ShardedMatrixOptimizer, get_optimizer_class
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS_DIR, "dist_optim_worker.py")
@@ -128,11 +128,68 @@ def test_missing_grad_counts_as_zero_and_frozen_params_are_left_alone():
     assert torch.equal(frozen, W) and frozen not in opt.state
 
 
+# ---- sharded base: per-matrix lr multipliers and cautious weight decay ----------------------------------
+class GradientDirection(ShardedMatrixOptimizer):
+    """U = the averaged gradient itself: the base's decay and step rules on an exactly known direction."""
+
+    def compute_update(self, group, owned, W, grads, states):
+        return grads.to(W.dtype)
+
+
+def test_cautious_weight_decay_matches_float64_reference():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(12, 8), (8, 12), (2, 6, 10)]
+    W = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    params = params_like(W)
+    groups = [dict(params=params[:2], lr_mul=2.0), dict(params=params[2:], lr=0.2, weight_decay_mul=3.0,
+                                                        shape_scale="none")]
+    opt = GradientDirection(groups, dict(lr=0.1, weight_decay=4.0, cautious_weight_decay=True))
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads[0][0] = 0.0  # a zero update counts as agreeing in sign (mask U * W >= 0): row 0 is decayed
+    set_grads(params, grads)
+    opt.step()
+    for p, w0, g, lr, wd_mul, shape_mul in zip(params, W, grads, [0.1, 0.1, 0.2], [1.0, 1.0, 3.0],
+                                               [2.0 * 1.5 ** 0.5, 2.0, 1.0]):
+        step_lr = lr * shape_mul  # lr * lr_mul * max(1, M/N)^0.5 (shape_scale "muon"), or lr alone ("none")
+        mask = (g * w0 >= 0).double()
+        expected = w0 - (lr * 4.0 * wd_mul) * step_lr * mask * w0 - step_lr * g
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-13, atol=1e-15)
+        assert 0.2 < mask.mean() < 0.8
+    decayed_row = W[0][0] * (1 - 0.1 * 4.0 * 0.1 * 2.0 * 1.5 ** 0.5)
+    torch.testing.assert_close(params[0].detach()[0], decayed_row, rtol=1e-15, atol=0)
+
+
+def test_lr_mul_and_shape_scale():
+    gen = torch.Generator().manual_seed(6)
+    W, g = torch.randn(16, 4, generator=gen), torch.randn(16, 4, generator=gen)
+    a, b, c = params = params_like([W, W, W])
+    set_grads(params, [g, g, g])
+    opt = Muon([dict(params=[a]), dict(params=[b], lr_mul=2.0, shape_scale="none"), dict(params=[c], lr_mul=3.0)],
+               lr=0.1, momentum=0.0, weight_decay=0.2)
+    opt.step()
+    # (16, 4): the Muon shape factor is 2, so lr_mul 2 without it is the same step, bit for bit
+    assert torch.equal(a, b)
+    torch.testing.assert_close(W * (1 - 0.02) - c.detach(), 3 * (W * (1 - 0.02) - a.detach()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lr_mul=-1.0), "lr_mul"), (dict(shape_scale="record18"), "shape_scale"),
+    (dict(cautious_weight_decay="true"), "cautious_weight_decay"),
+])
+def test_sharded_base_rejects_bad_group_keys(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Muon([dict(params=[torch.nn.Parameter(torch.randn(3, 3))], **bad)])
+
+
 @pytest.mark.parametrize("make", [
     lambda ps: Muon(ps, lr=0.05, momentum=0.9, weight_decay=0.1),
     lambda ps: DistAdam(ps, lr=0.01, weight_decay=0.1),
     lambda ps: AdamWMatrix(ps, lr=0.01, momentum=0.9, weight_decay=0.1),
-], ids=["muon", "dist_adam", "adamw_matrix"])
+    lambda ps: NorMuon([dict(params=ps[:3], lr_mul=2.0), dict(params=ps[3:], neuron_axis="rows")], lr=0.05,
+                       momentum=0.9, weight_decay=2.0, cautious_weight_decay=True),
+    # 3 steps end on a skipped call, so the checkpoint holds a gradient
+    lambda ps: DistAdam(ps, lr=0.01, weight_decay=0.5, cautious_weight_decay=True, step_every=2),
+], ids=["muon", "dist_adam", "adamw_matrix", "normuon", "dist_adam_every2"])
 def test_state_dict_round_trip(make):
     worker = load_worker()
     shapes = worker.MATRIX_SHAPES
@@ -198,8 +255,84 @@ def test_dist_adam_matches_torch_adamw(make, betas, eps):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-14)
 
 
+def adam_reference(p0, grads, lrs, betas, eps, weight_decay, cautious):
+    """Float64 AdamW written out (eps inside the bias correction, as torch.optim.AdamW); optional cautious decay
+    W -= lr^2 * weight_decay * [d * W > 0] * W (record 18's Adam form). grads[t], lrs[t]: active step t."""
+    beta1, beta2 = betas
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        d = (m / (1 - beta1 ** t)) / (torch.sqrt(v / (1 - beta2 ** t)) + eps)
+        if cautious:
+            p = p - lr * weight_decay * lr * (d * p > 0).double() * p - lr * d
+        else:
+            p = p * (1 - lr * weight_decay) - lr * d
+    return p
+
+
+def test_dist_adam_cautious_weight_decay_matches_float64_reference():
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(6, 4), (7,), ()]
+    W = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    params = params_like(W)
+    opt = DistAdam([dict(params=params[:2], lr_mul=3.0), dict(params=params[2:], weight_decay_mul=2.0)],
+                   lr=0.1, betas=(0.8, 0.95), eps=1e-8, weight_decay=5.0, cautious_weight_decay=True)
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    for step_grads in grads:
+        step_grads[0][1] = 0.0  # row 1 never gets a gradient: its update is 0 and (strict mask) it is not decayed
+        set_grads(params, step_grads)
+        opt.step()
+    for i, (lr, wd) in enumerate([(0.3, 5.0), (0.3, 5.0), (0.1, 10.0)]):
+        expected = adam_reference(W[i], [g[i] for g in grads], [lr] * 4, (0.8, 0.95), 1e-8, wd, cautious=True)
+        torch.testing.assert_close(params[i].detach(), expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(params[0].detach()[1], W[0][1])
+    plain = adam_reference(W[0], [g[0] for g in grads], [0.3] * 4, (0.8, 0.95), 1e-8, 5.0, cautious=False)
+    assert not torch.allclose(plain, params[0].detach(), rtol=1e-3)  # the mask changed the result
+
+
+def test_dist_adam_steps_every_second_call_on_the_summed_gradients():
+    gen = torch.Generator().manual_seed(8)
+    W = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(4)]
+    lrs = [0.5, 0.1, 0.7, 0.05]  # a schedule: the active call's lr is the one used
+    (p,) = params = params_like([W])
+    opt = DistAdam(params, lr=1.0, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.3, step_every=2)
+    after = []
+    for g, lr in zip(grads, lrs):
+        opt.param_groups[0]["lr"] = lr
+        set_grads(params, [g])
+        opt.step()
+        after.append(p.detach().clone())
+        if len(after) % 2 == 1:  # call 0, 2: skipped; the gradient moved off the parameter into the state
+            assert p.grad is None and torch.equal(opt.state[p]["held_grad"], g)
+        else:
+            assert "held_grad" not in opt.state[p]
+    # hand computation: t = 1 on g0 + g1 at lr 0.1, t = 2 on g2 + g3 at lr 0.05
+    m1, v1 = 0.2 * (grads[0] + grads[1]), 0.05 * (grads[0] + grads[1]) ** 2
+    W1 = W * (1 - 0.1 * 0.3) - 0.1 * (m1 / 0.2) / (torch.sqrt(v1 / 0.05) + 1e-8)
+    g23 = grads[2] + grads[3]
+    m2, v2 = 0.8 * m1 + 0.2 * g23, 0.95 * v1 + 0.05 * g23 ** 2
+    W2 = W1 * (1 - 0.05 * 0.3) - 0.05 * (m2 / (1 - 0.8 ** 2)) / (torch.sqrt(v2 / (1 - 0.95 ** 2)) + 1e-8)
+    assert torch.equal(after[0], W) and torch.equal(after[2], after[1])
+    torch.testing.assert_close(after[1], W1, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(after[3], W2, rtol=1e-13, atol=1e-15)
+    assert opt.state[p]["step"] == 2 and opt.param_groups[0]["step_calls"] == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(step_every=0), "step_every"), (dict(step_every=1.5), "step_every"),
+    (dict(cautious_weight_decay=None), "cautious_weight_decay"),
+])
+def test_dist_adam_rejects_bad_options(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DistAdam([torch.nn.Parameter(torch.randn(3))], lr=0.1, **bad)
+    with pytest.raises(ValueError, match="lr_mul"):
+        DistAdam([dict(params=[torch.nn.Parameter(torch.randn(3))], lr_mul=-2.0)], lr=0.1)
+
+
 # ---- 2-process gloo vs single process on averaged gradients ----------------------------------------------
-SCENARIOS = ["muon", "muon_plain", "adam", "adamw_matrix"]
+SCENARIOS = ["muon", "muon_plain", "adam", "adamw_matrix", "normuon", "muon_cautious", "adam_cautious_every2"]
 
 
 @pytest.fixture(scope="module")
