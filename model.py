@@ -1,5 +1,9 @@
-"""The GPT model: attention with document and sliding-window masks (FlexAttention on CUDA, SDPA on CPU), MLP,
-blocks, value embeddings, U-net skips and the soft-capped head. Every feature is a switch of `Hyperparameters`.
+"""The GPT model: blocks of attention (attention.py) and ReLU^2 MLP on a residual stream mixed with the input
+embeddings, value embeddings, U-net skips, backout and the soft-capped head with its losses. Every feature is a
+switch of `Hyperparameters`; `medium` (record 18) turns them all on.
+
+Per-step state set by the loop from schedules.py (`GPT.apply_schedule`): the YaRN-rescaled rotary frequencies,
+the attention scale, and whether the input embedding is still tied to the head.
 """
 from __future__ import annotations
 
@@ -9,148 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention import (CausalSelfAttention, build_masks, head_gate, linear, normal_init, optional_bias,
+                       optional_gain, rms_norm, rotary_base_freqs, rotary_cos_sin, yarn_freqs)
 from config import Hyperparameters, parse_int_list, parse_skips
 
-# -----------------------------------------------------------------------------------------------
-# Model
-
-
-def rms_norm(x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),), weight=None if gain is None else gain.type_as(x))
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w.type_as(x), None if b is None else b.type_as(x))
-
-
-def normal_init(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
-    """N(0, 0.33 / fan_in): the track-3 baseline's hidden weights (about torch's default Linear init)."""
-    return torch.empty(shape).normal_(std=math.sqrt(0.33 / fan_in))
-
-
-def optional_bias(size: int, enabled: bool) -> nn.Parameter | None:
-    return nn.Parameter(torch.zeros(size)) if enabled else None
-
-
-def optional_gain(size: int, enabled: bool) -> nn.Parameter | None:
-    """A learned RMSNorm gain (init 1), or None for the plain norm."""
-    return nn.Parameter(torch.ones(size)) if enabled else None
-
-
-class Rotary(nn.Module):
-    """Rotary embedding on pairs (x[..., :d/2], x[..., d/2:]). "half": head_dim/4 frequencies from 1 down to
-    1/base, the other head_dim/4 pairs at zero frequency (left unrotated)."""
-
-    def __init__(self, head_dim: int, mode: str, base: float):
-        super().__init__()
-        pairs = head_dim // 2
-        if mode == "half":
-            freqs = (1 / base) ** torch.linspace(0, 1, steps=head_dim // 4)
-            freqs = torch.cat([freqs, freqs.new_zeros(pairs - head_dim // 4)])
-        else:
-            freqs = (1 / base) ** (torch.arange(pairs) / pairs)
-        self.register_buffer("freqs", freqs.float(), persistent=False)
-        self.enabled = mode != "none"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
-        if not self.enabled:
-            return x
-        T = x.size(1)
-        theta = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.freqs)  # (T, D/2)
-        cos, sin = theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
-
-
-_FLEX_ATTENTION = None
-
-
-def compiled_flex_attention():
-    """torch.compile(flex_attention), built on first use (nothing compiles at import time)."""
-    global _FLEX_ATTENTION
-    if _FLEX_ATTENTION is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _FLEX_ATTENTION = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_ATTENTION
-
-
-def attention_mask_mod(doc_ids: torch.Tensor, window_tokens: torch.Tensor | None):
-    """The one definition of who attends to whom: causal, same document, within the sliding window.
-    doc_ids: (T,) document index of every position; window_tokens: 0-D tensor (None: no window)."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = (q_idx >= kv_idx) & (doc_ids[q_idx] == doc_ids[kv_idx])
-        if window_tokens is not None:
-            keep = keep & (q_idx - kv_idx < window_tokens)
-        return keep
-
-    return mask_mod
-
-
-def dense_attention_mask(doc_ids: torch.Tensor, window_tokens: torch.Tensor | None) -> torch.Tensor:
-    """(T, T) boolean mask from attention_mask_mod, for the scaled_dot_product_attention path."""
-    T = doc_ids.numel()
-    q = torch.arange(T, device=doc_ids.device)[:, None]
-    kv = torch.arange(T, device=doc_ids.device)[None, :]
-    return attention_mask_mod(doc_ids, window_tokens)(None, None, q, kv)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Hyperparameters):
-        super().__init__()
-        d, self.num_heads, self.head_dim = cfg.model_dim, cfg.num_heads, cfg.head_dim
-        bound = math.sqrt(3) * 0.5 / math.sqrt(d)  # uniform init with std 0.5 / sqrt(fan_in)
-
-        def init(*shape):
-            return normal_init(shape, d) if cfg.hidden_init == "normal" else torch.empty(shape).uniform_(-bound, bound)
-
-        if cfg.merged_qkvo:
-            self.qkvo_w = nn.Parameter(init(4, d, d))
-            if cfg.zero_init_proj:
-                self.qkvo_w.data[3].zero_()
-        else:
-            self.q_w, self.k_w, self.v_w, self.o_w = (nn.Parameter(init(d, d)) for _ in range(4))
-            if cfg.zero_init_proj:
-                self.o_w.data.zero_()
-        # biases (track 3); linear_bias needs the unmerged weights (config.validate_config)
-        self.q_b, self.k_b, self.v_b, self.o_b = (optional_bias(d, cfg.linear_bias) for _ in range(4))
-        # v = l0 * v + l1 * value_embed, only in models with value embeddings
-        self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.num_value_embeds > 0 else None
-        self.rotary = Rotary(cfg.head_dim, cfg.rotary, cfg.rotary_base)
-        self.qk_norm, self.v_norm = cfg.qk_norm, cfg.v_norm
-        self.scale = cfg.attn_scale or 1 / math.sqrt(cfg.head_dim)
-
-    def weights(self):
-        if hasattr(self, "qkvo_w"):
-            return self.qkvo_w.unbind(0)
-        return self.q_w, self.k_w, self.v_w, self.o_w
-
-    def forward(self, x, value_embed, attn_mask):  # x: (B, T, d)
-        B, T, _ = x.shape
-        wq, wk, wv, wo = self.weights()
-        q, k, v = (linear(x, w, b).view(B, T, self.num_heads, self.head_dim)
-                   for w, b in ((wq, self.q_b), (wk, self.k_b), (wv, self.v_b)))
-        if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        if self.v_norm:
-            v = rms_norm(v)
-        q, k = self.rotary(q), self.rotary(k)
-        if value_embed is not None:
-            v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if attn_mask is None:  # no document mask, no window: plain causal attention within each row
-            # one dtype for all three (v skips the norm, so under autocast it may differ from q and k)
-            y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), is_causal=True, scale=self.scale)
-        elif isinstance(attn_mask, torch.Tensor):  # CPU path: dense boolean mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        else:  # CUDA path: FlexAttention BlockMask, through a compiled kernel (eager would materialise T x T scores)
-            if q.is_cuda:
-                flex = compiled_flex_attention()
-            else:  # CPU: forward only (tests compare it with the SDPA path)
-                from torch.nn.attention.flex_attention import flex_attention as flex
-            y = flex(q, k, v, block_mask=attn_mask, scale=self.scale)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return linear(y, wo, self.o_b)
+SKIP_LAMBDA_INIT = -1.5  # gated skips start at sigmoid(-1.5) * 2 sigmoid(0) ~ 0.18
+BACKOUT_LAMBDA_INIT = 0.5
+EVAL_CHUNK_TOKENS = 64 * 1024  # validation scores the head in chunks of this many tokens (memory)
 
 
 class MLP(nn.Module):
@@ -176,19 +45,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Hyperparameters, has_attention: bool):
+    def __init__(self, cfg: Hyperparameters, has_attention: bool, has_value_embed: bool, long_window: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg) if has_attention else None
+        self.attn = (CausalSelfAttention(cfg, has_value_embed, key_offset=cfg.key_offset and long_window)
+                     if has_attention else None)
         self.mlp = MLP(cfg)
-        self.residual_mix = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.x0_mix else None  # x = l0 x + l1 x0
-        self.attn_gain = optional_gain(cfg.model_dim, cfg.norm_gains and has_attention)
+        self.resid_lambda = self.x0_lambdas = None
+        if cfg.x0_mix:  # x = r x + a x0 (+ b x02)
+            self.resid_lambda = nn.Parameter(torch.tensor(cfg.resid_lambda_init))
+            self.x0_lambdas = nn.Parameter(torch.zeros(2 if cfg.second_embed else 1))
+        self.attn_gain = optional_gain(cfg.model_dim, cfg.norm_gains and has_attention)  # --norm-gains
         self.mlp_gain = optional_gain(cfg.model_dim, cfg.norm_gains)
 
-    def forward(self, x, x0, value_embed, attn_mask):
-        if self.residual_mix is not None:
-            x = self.residual_mix[0] * x + self.residual_mix[1] * x0
+    def forward(self, x, x0, x02, value_embed, attn_mask, cos, sin, scale):
+        if self.resid_lambda is not None:
+            x = self.resid_lambda * x + self.x0_lambdas[0] * x0
+            if x02 is not None:
+                x = x + self.x0_lambdas[1] * x02
         if self.attn is not None:
-            x = x + self.attn(rms_norm(x, self.attn_gain), value_embed, attn_mask)
+            x = x + self.attn(rms_norm(x, self.attn_gain), value_embed, attn_mask, cos, sin, scale)
         return x + self.mlp(rms_norm(x, self.mlp_gain))
 
 
@@ -196,77 +71,179 @@ class GPT(nn.Module):
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
         self.cfg = cfg
-        mlp_only = set(parse_int_list(cfg.mlp_only_layers))
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(cfg.num_value_embeds))
-        self.blocks = nn.ModuleList(Block(cfg, i not in mlp_only) for i in range(cfg.num_layers))
+        L, d, k = cfg.num_layers, cfg.model_dim, cfg.num_value_embeds
+        mlp_only, long_layers = set(parse_int_list(cfg.mlp_only_layers)), set(parse_int_list(cfg.long_window_layers))
+        self.long_layers = long_layers
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(k))
+        if cfg.zero_init_value_embeds:
+            for table in self.value_embeds:
+                nn.init.zeros_(table.weight)
+        # table i feeds layer i and layer L - k + i (pattern 012 ... 012)
+        self.value_embed_layers = {i: i for i in range(k)} | {L - k + i: i for i in range(k)}
+        self.blocks = nn.ModuleList(Block(cfg, i not in mlp_only, i in self.value_embed_layers, i in long_layers)
+                                    for i in range(L))
         self.skips = parse_skips(cfg.skip_connections)
-        self.skip_weights = nn.Parameter(torch.ones(len(self.skips))) if self.skips else None
-        self.head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=cfg.linear_bias)
-        if cfg.zero_init_proj:
+        if cfg.gated_skips:  # skip j scaled by sigmoid(s_j) * 2 sigmoid(W_j x0[:gate_dims])
+            self.skip_lambdas = nn.Parameter(torch.full((len(self.skips),), SKIP_LAMBDA_INIT))
+            self.skip_gates = nn.Parameter(torch.zeros(len(self.skips), cfg.gate_dims))
+        else:
+            self.skip_weights = nn.Parameter(torch.ones(len(self.skips)))
+        self.head = nn.Linear(d, cfg.vocab_size, bias=cfg.linear_bias)
+        if cfg.head_init_std > 0:
+            nn.init.normal_(self.head.weight, mean=0.0, std=cfg.head_init_std)
+        elif cfg.zero_init_proj:
             self.head.weight.data.zero_()
         if cfg.linear_bias:
             self.head.bias.data.zero_()
-        self.embed_gain = optional_gain(cfg.model_dim, cfg.norm_gains)  # RMSNorm after the embedding
-        self.final_gain = optional_gain(cfg.model_dim, cfg.norm_gains)  # RMSNorm before the head
-        self.long_layers = set(parse_int_list(cfg.long_window_layers))
+        self.embed_gain = optional_gain(d, cfg.norm_gains)  # RMSNorm after the embedding (--norm-gains)
+        self.final_gain = optional_gain(d, cfg.norm_gains)  # RMSNorm before the head
+        self.embed2 = nn.Embedding(cfg.vocab_size, d) if cfg.second_embed else None
+        if cfg.smear:  # x_t += smear_lambda * sigmoid(W x_t[:gate_dims]) * x_{t-1}
+            self.smear_gate = nn.Parameter(torch.zeros(1, cfg.gate_dims))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        if cfg.backout_layer >= 0:
+            self.backout_lambda = nn.Parameter(torch.tensor(BACKOUT_LAMBDA_INIT))
+        # per-step state (apply_schedule): rotary frequencies after YaRN, attention scale, tie state
+        self.register_buffer("base_freqs", rotary_base_freqs(cfg.head_dim, cfg.rotary, cfg.rotary_base),
+                             persistent=False)
+        self.register_buffer("rotary_freqs", self.base_freqs.clone(), persistent=False)
+        self.yarn_changes: tuple = ()
+        self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale or 1 / math.sqrt(cfg.head_dim)), persistent=False)
+        self.tied = False
+        self.set_tied(cfg.tied_head_frac > 0)
 
-    @property
-    def needs_masks(self) -> bool:
-        """Attention needs a document or window mask (FlexAttention on CUDA, one row per micro-batch)."""
-        return self.cfg.doc_mask or self.cfg.sliding_window
+    # ---- per-step state ---------------------------------------------------------------------------------
+    def set_tied(self, tied: bool) -> None:
+        """Tied: the input embedding is the head's weight (self.embed is left out of training)."""
+        self.tied = tied
+        self.embed.weight.requires_grad_(not tied)
 
-    def value_embed_for_layer(self, idx: torch.Tensor) -> list:
-        """Table i feeds layer i and layer L - k + i (pattern 012 ... 012); other layers get None."""
-        k, L = len(self.value_embeds), len(self.blocks)
-        out = [None] * L
-        for i, table in enumerate(self.value_embeds):
-            ve = table(idx)
-            out[i] = out[L - k + i] = ve
-        return out
+    def apply_schedule(self, schedule) -> None:
+        """Per-step state from a schedules.StepSchedule: YaRN frequencies, attention scale, tie state."""
+        if schedule.yarn_changes != self.yarn_changes:
+            self.rotary_freqs.copy_(yarn_freqs(self.base_freqs, schedule.yarn_changes))
+            self.yarn_changes = schedule.yarn_changes
+        self.attn_scale.fill_(schedule.attn_scale)
+        if self.cfg.tied_head_frac > 0 and schedule.tied != self.tied:
+            self.set_tied(schedule.tied)
 
-    def attention_masks(self, idx: torch.Tensor, window_tokens: int, use_flex: bool):
-        """Masks for long-window and short-window layers. idx: (B, T); documents split at bos_id.
-        Returns {"long": mask, "short": mask}: dense (B, 1, T, T) booleans, or FlexAttention BlockMasks; None for
-        both without a document mask or window (plain causal attention within each row, any B)."""
-        cfg = self.cfg
-        if not self.needs_masks:
-            return {"long": None, "short": None}
-        B, T = idx.shape
-        if cfg.doc_mask:
-            doc_ids = (idx == cfg.bos_id).cumsum(dim=1)  # (B, T)
-        else:
-            doc_ids = torch.zeros_like(idx)
-        masks = {}
-        for name, tokens in (("long", window_tokens), ("short", window_tokens // 2)):
-            window = torch.tensor(max(tokens, 1), device=idx.device) if cfg.sliding_window else None
-            if use_flex:
-                from torch.nn.attention.flex_attention import create_block_mask
-                assert B == 1, "the FlexAttention path packs each rank's tokens into one row"
-                masks[name] = create_block_mask(attention_mask_mod(doc_ids[0], window), None, None, T, T,
-                                                device=idx.device, BLOCK_SIZE=cfg.window_block,
-                                                _compile=idx.is_cuda)
+    @torch.no_grad()
+    def untie(self) -> None:
+        """Split the input embedding from the head: it starts as a copy of the head's weight."""
+        self.embed.weight.copy_(self.head.weight)
+        self.set_tied(False)
+
+    def parameter_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter under exactly one role (asserted). Matrix optimizer: attn, mlp_in, mlp_out, gate (per-head
+        gates); Adam: embed, value_embed, second_embed, head, vector_gate (one-output gates), x0_lambda, scalar."""
+        roles: dict[str, list] = {}
+        top = {"embed.weight": "embed", "embed2.weight": "second_embed", "head.weight": "head",
+               "smear_gate": "vector_gate", "skip_gates": "vector_gate"}
+        leaf = {"qkvo_w": "attn", "q_w": "attn", "k_w": "attn", "v_w": "attn", "o_w": "attn", "fc_w": "mlp_in",
+                "proj_w": "mlp_out", "value_gate": "gate", "output_gate": "gate", "x0_lambdas": "x0_lambda"}
+        for name, p in self.named_parameters():
+            if name in top:
+                role = top[name]
+            elif name.startswith("value_embeds."):
+                role = "value_embed"
             else:
-                masks[name] = torch.stack([dense_attention_mask(doc_ids[b], window) for b in range(B)])[:, None]
-        return masks
+                role = leaf.get(name.rsplit(".", 1)[-1], "scalar" if p.ndim < 2 else None)
+            assert role is not None, f"parameter {name} has no optimizer role"
+            roles.setdefault(role, []).append((name, p))
+        return roles
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None, masks: dict) -> torch.Tensor:
-        """idx, targets: (B, T) int64. Returns the mean cross-entropy (nats) or, without targets, logits."""
-        x = x0 = rms_norm(self.embed(idx), self.embed_gain)
-        value_embeds = self.value_embed_for_layer(idx)
+    # ---- forward ----------------------------------------------------------------------------------------
+    def attention_masks(self, idx: torch.Tensor, long_window: int, short_window: int, use_flex: bool) -> dict:
+        """Masks for the long-window and short-window layers: {"long": mask, "short": mask}."""
+        return build_masks(self.cfg, idx, {"long": long_window, "short": short_window}, use_flex)
+
+    def input_embedding(self, idx: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(idx, self.head.weight) if self.tied else self.embed(idx)  # (B, T, d)
+        if self.cfg.smear:  # each token's embedding gets a gated share of the previous token's
+            gate = self.smear_lambda * torch.sigmoid(F.linear(x[:, 1:, :self.cfg.gate_dims], self.smear_gate.type_as(x)))
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        return x
+
+    def skip_scale(self, j: int, x0: torch.Tensor) -> torch.Tensor:
+        if self.cfg.gated_skips:
+            gate = torch.sigmoid(head_gate(x0, self.skip_gates[j:j + 1]).squeeze(-1))  # (B, T, 1)
+            return torch.sigmoid(self.skip_lambdas[j]) * 2 * gate
+        return self.skip_weights[j]
+
+    def hidden_states(self, idx: torch.Tensor, masks: dict) -> torch.Tensor:
+        """idx (B, T) -> the normed final hidden states (B, T, d) that feed the head."""
+        x = x0 = rms_norm(self.input_embedding(idx), self.embed_gain)
+        x02 = rms_norm(self.embed2(idx)) if self.embed2 is not None else None
+        value_embeds = [table(idx) for table in self.value_embeds]
+        cos, sin = rotary_cos_sin(self.rotary_freqs, idx.size(1))
         skip_in = {dst: (src, j) for j, (src, dst) in enumerate(self.skips)}
         outputs = {}
         for i, block in enumerate(self.blocks):
             if i in skip_in:
                 src, j = skip_in[i]
-                x = x + self.skip_weights[j] * outputs[src]
+                x = x + self.skip_scale(j, x0) * outputs[src]
+            ve = value_embeds[self.value_embed_layers[i]] if i in self.value_embed_layers else None
             mask = masks["long"] if i in self.long_layers else masks["short"]
-            x = block(x, x0, value_embeds[i], mask)
+            x = block(x, x0, x02, ve, mask, cos, sin, self.attn_scale)
             outputs[i] = x
-        logits = self.head(rms_norm(x, self.final_gain)).float()
-        if self.cfg.logit_softcap > 0:
-            c = self.cfg.logit_softcap
-            logits = c * logits * torch.rsqrt(logits.square() + c * c)
-        if targets is None:
+        if self.cfg.backout_layer >= 0:  # remove what an early-middle layer wrote for context, not prediction
+            x = x - self.backout_lambda * outputs[self.cfg.backout_layer]
+        return rms_norm(x, self.final_gain)
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.logit_softcap
+        if c <= 0:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if self.cfg.logit_softcap_kind == "sigmoid":
+            return c * torch.sigmoid((logits + self.cfg.logit_sigmoid_shift) / self.cfg.logit_sigmoid_temperature)
+        return c * logits * torch.rsqrt(logits.square() + c * c)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None, masks: dict,
+                mtp_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """idx, targets: (B, T) int64. Without targets: soft-capped fp32 logits (B, T, V). In training mode: the
+        training loss (mean per target, or the sum with sum_train_loss; with mtp_weights (n,) the weighted loss of
+        the next n tokens). In eval mode: the mean next-token cross-entropy (nats) on fp32 logits."""
+        x = self.hidden_states(idx, masks)
+        if targets is None:
+            return self.softcap(self.head(x).float())
+        if not self.training:
+            return self.eval_loss(x, targets)
+        logits = self.head(x)
+        if not self.cfg.bf16_cross_entropy:
+            return self.train_loss(self.softcap(logits.float()), targets, mtp_weights)
+        with torch.autocast(logits.device.type, enabled=False):  # autocast would take cross-entropy to fp32
+            return self.train_loss(self.softcap(logits), targets, mtp_weights)
+
+    def train_loss(self, logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor | None):
+        """Loss of soft-capped logits (B, T, V) in their dtype; per-token losses are summed in fp32 at least."""
+        if mtp_weights is not None and mtp_weights.numel() > 1:
+            loss = multi_token_loss(logits, targets, mtp_weights)
+        elif logits.dtype == torch.bfloat16:
+            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            loss = losses.float().sum()
+        else:
+            flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+            return F.cross_entropy(flat_logits, flat_targets, reduction="sum" if self.cfg.sum_train_loss else "mean")
+        return loss if self.cfg.sum_train_loss else loss / targets.numel()
+
+    def eval_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x, targets = x.flatten(0, 1), targets.reshape(-1)
+        if x.size(0) <= EVAL_CHUNK_TOKENS:
+            return F.cross_entropy(self.softcap(self.head(x).float()), targets)
+        total = x.new_zeros((), dtype=torch.float32)
+        for xs, ts in zip(x.split(EVAL_CHUNK_TOKENS), targets.split(EVAL_CHUNK_TOKENS)):
+            total = total + F.cross_entropy(self.softcap(self.head(xs).float()), ts, reduction="sum")
+        return total / targets.numel()
+
+
+def multi_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over positions t and k < n of weights[k] * CE(logits[t], targets[t + k]) within each row (targets past
+    the row's end are left out). logits (B, T, V), targets (B, T), weights (n,). Returns the sum (fp32)."""
+    T, dtype = targets.size(1), torch.promote_types(logits.dtype, torch.float32)  # sums at least in fp32
+    log_normalizer = torch.logsumexp(logits, dim=-1)  # (B, T)
+    total = logits.new_zeros((), dtype=dtype)
+    for k in range(weights.numel()):
+        picked = logits[:, :T - k].gather(-1, targets[:, k:].unsqueeze(-1)).squeeze(-1)  # (B, T - k)
+        total = total + weights[k] * (log_normalizer[:, :T - k] - picked).to(dtype).sum()
+    return total

@@ -7,15 +7,18 @@ For every checkpoint: K replicate gradients (one micro-batch each, data the run 
 loader continues from the checkpoint's position) of every hidden matrix (3-D stacks split into their
 matrices), then per matrix the diagnostics D0 and (a)-(g) of the design note (section 7):
   D0  ||G||^2 (unbiased), tr(Sigma), B_simple, noise anisotropy along the top atoms
-  (a) bootstrap 90% band of the binned echo ratio; half-width at the knee; share of the residual
+  (a) 90% band of the binned echo ratio from a replicate-weight bootstrap (replicates reweighted jointly in
+      every split, atoms recomputed; t quantile, K - 1 dof); half-width at the knee; share of the residual
       variance that probe noise explains
   (b) every curve family of optimizers/echo.py: reduced chi^2, residual autocorrelation, R^2 per region
   (c) cross-half atom identifiability and degenerate clusters (jackknife spread of singular values)
   (d) weighted Spearman, significant reversals between adjacent bins, top-bin dip
   (g) first-order gain <G_P, F(G_A)> per rule and the share of msign's gain below the bulk edge;
-      per model: held-out look-ahead loss of one step of each rule
+      per model: held-out look-ahead loss of one step of each rule, on a step-size grid that is widened
+      until each rule's best step size is inside it (or flagged at the grid's limit)
 Across matrices and checkpoints: (e) grouped cross-validation of the families (folds = matrices, and
-folds = steps), sharing of constants across same-shape matrices; (f) drift z-scores and transfer ratios.
+folds = steps), sharing of constants across same-shape matrices; (f) drift z-scores and transfer ratios, judged
+against the same-step null (a second, independent replicate set per checkpoint; --no-null-set skips it).
 Writes <out>/probe.jsonl (one record per matrix and step, one "model" record per step), summary.md (a table
 answering each assumption of the seed: holds / fails / undecided, with numbers) and PNG plots.
 
@@ -48,6 +51,9 @@ REVERSAL_Z = 3.0  # (d) a decrease between adjacent bins with z above this is si
 TRANSFER_REUSE = 1.1  # (f) reuse an old curve only if its error is within 10% of a refit
 NEARBY_STEPS = 10  # (f) probed steps at most this far apart count as "nearby"
 IDENT_BEST, IDENT_MARGIN = 0.5, 0.25  # (c) identifiable atom: best overlap > 0.5 with margin > 0.25
+STABILITY_FAMILIES = ("soft_sign", "hill", "hill_floor")  # (f) families whose constants are tracked over steps
+ETA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)  # (g) look-ahead step sizes in units of the run's lr, extended below
+ETA_LIMITS = (1 / 64, 64.0)  # (g) the grid doubles / halves past an edge best until it reaches these
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +253,26 @@ def spectral_rule_weights(s: np.ndarray, edge: float, fits: dict[str, echo.Curve
     return rules
 
 
+def binned_curve(R: torch.Tensor, n_splits: int, n_bins: int, n_boot: int, seed: int) -> dict:
+    """The binned echo ratio of replicates R (K, M, N) and its bootstrap band, in bulk-edge units.
+
+    Returns {"est", "edge", "sigma", "x", "r", "se", "lo", "hi", "count"} (bins with atoms and an se only):
+    x = mean s / edge, r = ratio of sums, se and the 90% band from the replicate-weight bootstrap
+    (echo.bootstrap_splits: replicates reweighted jointly in every split, atoms recomputed).
+    """
+    K, M, N = R.shape
+    est = echo.estimate_echo(R, n_splits=n_splits, seed=seed, n_boot=n_boot)
+    sigma = est.sigma
+    edge = sigma / math.sqrt(est.n_atom) * (math.sqrt(M) + math.sqrt(N))  # isotropic bulk edge of the atoms
+    x_flat = est.s.reshape(-1) / edge
+    edges = echo.merge_sparse_bins(x_flat, echo.bin_edges(x_flat, n_bins), min_count=len(est.splits)) * edge
+    binned = echo.binned_echo(est, edges)  # the ratio is dimensionless: raw-unit edges give the same bins
+    _, lo, hi = echo.bootstrap_binned_ratio(est, edges)
+    ok = binned.valid()
+    return {"est": est, "edge": edge, "sigma": sigma, "x": binned.s_mean[ok] / edge, "r": binned.ratio[ok],
+            "se": binned.ratio_se[ok], "lo": lo[ok], "hi": hi[ok], "count": binned.count[ok]}
+
+
 def analyse_matrix(R: torch.Tensor, tokens_per_replicate: float | None = None, n_splits: int = 8, n_bins: int = 12,
                    n_boot: int = 200, seed: int = 0, soft_c_grid=(0.25, 1.0, 4.0)) -> tuple[dict, dict]:
     """All per-matrix diagnostics of replicates R (K, M, N). Returns (JSON record, extras for the look-ahead)."""
@@ -254,29 +280,16 @@ def analyse_matrix(R: torch.Tensor, tokens_per_replicate: float | None = None, n
     K, M, N = R.shape
     if echo.noise_sigma(R) == 0:  # e.g. every replicate zero (a zero-initialised head blocks the gradient)
         return {"shape": [M, N], "K": K, "error": "replicates are identical (zero noise): nothing to estimate"}, {}
-    est = echo.estimate_echo(R, n_splits=n_splits, seed=seed)
+    curve = binned_curve(R, n_splits, n_bins, n_boot, seed)
+    est, edge, sigma = curve["est"], curve["edge"], curve["sigma"]
     loo = echo.estimate_echo(R, leave_one_out=True)
-    sigma = est.sigma
-    sigma_a = sigma / math.sqrt(est.n_atom)
-    edge = sigma_a * (math.sqrt(M) + math.sqrt(N))  # isotropic bulk edge of the atom matrix (raw units)
     d0 = echo.noise_scales(R, tokens_per_replicate)
     first = echo.cross_project_split(R, *est.splits[0])
     d0["anisotropy_top10"] = echo.noise_anisotropy(first, sigma, top=10)
     d0["sigma"] = sigma
     d0["snr_replicate"] = d0["grad_sq"] / d0["noise_trace"] if d0["noise_trace"] > 0 else float("inf")
-
-    s_flat, e_flat, se_flat, split_id = est.flat()
-    x_flat = s_flat / edge
-    edges = echo.merge_sparse_bins(x_flat, echo.bin_edges(x_flat, n_bins), min_count=len(est.splits))
-    binned = echo.binned_ratio(x_flat, e_flat / edge, se_flat / edge, edges=edges, group=split_id)
-    x_est = echo.EchoEstimate(s=est.s / edge, echo=est.echo / edge, se=est.se / edge,
-                              probe_values=[pv / edge for pv in est.probe_values], splits=est.splits,
-                              sigma=sigma / edge, K=K, n_atom=est.n_atom, n_probe=est.n_probe, shape=(M, N),
-                              leave_one_out=False)
-    _, lo, hi = echo.bootstrap_binned_ratio(x_est, edges, n_boot=n_boot, seed=seed)
-    ok = binned.valid()
-    x, r, se = binned.s_mean[ok], binned.ratio[ok], binned.ratio_se[ok]
-    halfwidth = ((hi - lo) / 2)[ok]
+    x, r, se = curve["x"], curve["r"], curve["se"]
+    halfwidth = (curve["hi"] - curve["lo"]) / 2
     record = {"shape": [M, N], "K": K, "n_atom": est.n_atom, "n_probe": est.n_probe, "edge": edge,
               "n_above_edge": int((est.s.mean(0) > edge).sum()), "d0": d0}
     s_mean, e_mean, se_mean = est.mean_curve()
@@ -284,10 +297,10 @@ def analyse_matrix(R: torch.Tensor, tokens_per_replicate: float | None = None, n
                        "ratio_se": (se_mean / s_mean).tolist()}
     s_loo, e_loo, _ = loo.mean_curve()
     record["atoms_loo"] = {"x": (s_loo / edge).tolist(), "ratio": (e_loo / s_loo).tolist()}
-    record["bins"] = {"x": x, "ratio": r, "se": se, "count": binned.count[ok], "ci_lo": lo[ok], "ci_hi": hi[ok]}
+    record["bins"] = {"x": x, "ratio": r, "se": se, "count": curve["count"], "ci_lo": curve["lo"], "ci_hi": curve["hi"]}
     extras = {"split": est.splits[0], "edge": edge, "sigma_x": sigma / edge}
-    if ok.sum() < 4:
-        record["error"] = f"only {int(ok.sum())} usable bins"
+    if len(x) < 4:
+        record["error"] = f"only {len(x)} usable bins"
         return record, extras
 
     fits = fit_families(x, r, se, sigma / edge, (M, N), est.n_atom)
@@ -330,10 +343,16 @@ def rule_update(G_A: torch.Tensor, edge: float, rule: str, fits: dict) -> torch.
 
 @torch.no_grad()
 def lookahead(model, params: dict[str, torch.Tensor], replicates: dict[str, torch.Tensor], extras: dict,
-              probe_batches: list, loss_fn: Callable, lr: float, etas=(0.5, 1.0, 2.0),
+              probe_batches: list, loss_fn: Callable, lr: float, etas=ETA_GRID, eta_limits=ETA_LIMITS,
               rules=("msign", "fit_soft_sign", "fit_hill_floor", "rank_above_edge")) -> dict:
     """(g) held-out look-ahead: loss on the probe batches after W -= eta * lr * max(1, M/N)^0.5 * F(G_A),
-    every hidden matrix at once, G_A = the atom half of split 0. Returns {rule: {eta: loss - base loss}}."""
+    every hidden matrix at once, G_A = the atom half of split 0.
+
+    Each rule's step size grid starts at `etas` and doubles (halves) while the best eta sits at the top
+    (bottom) edge, up to eta_limits: a best eta at an edge of the grid means "undecided", not "worse".
+    Returns {"base_loss", "delta": {rule: {eta: loss - base}}, "best_eta": {rule: eta},
+    "at_edge": {rule: bool (best eta at an edge of the final grid)}}.
+    """
     def probe_loss():
         return float(np.mean([float(loss_fn(model, b)) for b in probe_batches]))
 
@@ -355,14 +374,29 @@ def lookahead(model, params: dict[str, torch.Tensor], replicates: dict[str, torc
                 outs.append(rule_update(G_A, ex["edge"], rule, ex.get("fits", {})))
             per_param[name] = torch.stack(outs).reshape(p.shape) if len(outs) > 1 else outs[0].reshape(p.shape)
         updates[rule] = per_param
-    out = {"base_loss": base, "delta": {}}
+
+    def delta_at(per_param, eta):
+        for name, p in params.items():
+            scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+            p.copy_(saved[name] - eta * lr * scale * per_param[name].to(p.dtype))
+        return probe_loss() - base
+
+    out = {"base_loss": base, "delta": {}, "best_eta": {}, "at_edge": {}}
     for rule, per_param in updates.items():
-        out["delta"][rule] = {}
-        for eta in etas:
-            for name, p in params.items():
-                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
-                p.copy_(saved[name] - eta * lr * scale * per_param[name].to(p.dtype))
-            out["delta"][rule][f"{eta:g}"] = probe_loss() - base
+        deltas = {float(eta): delta_at(per_param, float(eta)) for eta in etas}
+        while True:
+            grid = sorted(deltas)
+            best = min(grid, key=deltas.get)
+            if best == grid[-1] and best * 2 <= eta_limits[1]:
+                deltas[best * 2] = delta_at(per_param, best * 2)
+            elif best == grid[0] and best / 2 >= eta_limits[0]:
+                deltas[best / 2] = delta_at(per_param, best / 2)
+            else:
+                break
+        grid = sorted(deltas)
+        out["delta"][rule] = {f"{eta:g}": deltas[eta] for eta in grid}
+        out["best_eta"][rule] = best
+        out["at_edge"][rule] = best in (grid[0], grid[-1])
         for name, p in params.items():
             p.copy_(saved[name])
     return out
@@ -371,11 +405,13 @@ def lookahead(model, params: dict[str, torch.Tensor], replicates: dict[str, torc
 def probe_model(model: torch.nn.Module, batch_iter: Iterable, K: int, loss_fn: Callable = default_loss_fn,
                 params: dict[str, torch.Tensor] | None = None, tokens_per_replicate: float | None = None,
                 step: int | None = None, lr: float | None = None, n_splits: int = 8, n_bins: int = 12,
-                n_boot: int = 200, seed: int = 0) -> list[dict]:
+                n_boot: int = 200, seed: int = 0, null_set: bool = False) -> list[dict]:
     """Probe the hidden matrices of `model` with K replicate gradients (one batch of batch_iter each).
 
     loss_fn(model, batch) -> scalar loss; params: {name: parameter} to measure (default: every trainable
     parameter with >= 2 dims). lr: when given, also the held-out look-ahead loss of one step per rule.
+    null_set: also draw K more batches, an independent replicate set of the same step, and record per matrix
+    the same-step null of the stability transfer ratio ("f_null", see same_step_null).
     Returns one record per 2-D matrix (3-D stacks split) plus one {"kind": "model"} record.
     """
     if K < 4:
@@ -384,13 +420,17 @@ def probe_model(model: torch.nn.Module, batch_iter: Iterable, K: int, loss_fn: C
     if not params:
         raise ValueError("no parameter with >= 2 dims to probe; pass params={name: tensor}")
     it = iter(batch_iter)
+    n_needed = 2 * K if null_set else K
     batches = []
-    for _ in range(K):
+    for _ in range(n_needed):
         try:
             batches.append(next(it))
         except StopIteration:
-            raise ValueError(f"batch_iter ran out after {len(batches)} batches; the probe needs K={K}") from None
+            raise ValueError(f"batch_iter ran out after {len(batches)} batches; the probe needs "
+                             f"{n_needed} (K={K}{', twice for the null set' if null_set else ''})") from None
+    null_batches, batches = batches[K:], batches[:K]
     replicates, losses = collect_replicates(model, batches, params, loss_fn)
+    null_replicates = collect_replicates(model, null_batches, params, loss_fn)[0] if null_set else {}
     records, extras = [], {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small float64 SVDs: one thread is far faster than several on busy cores
@@ -398,6 +438,9 @@ def probe_model(model: torch.nn.Module, batch_iter: Iterable, K: int, loss_fn: C
         for name, R in replicates.items():
             for mname, Rm in split_matrices(name, R):
                 rec, ex = analyse_matrix(Rm, tokens_per_replicate, n_splits, n_bins, n_boot, seed)
+                if name in null_replicates and "b" in rec:
+                    R_null = dict(split_matrices(name, null_replicates[name]))[mname]
+                    rec["f_null"] = same_step_null(rec, R_null, n_splits, n_bins, n_boot, seed)
                 records.append({"kind": "matrix", "step": step, "name": mname, "param": name, **rec})
                 extras[mname] = ex
     finally:
@@ -492,16 +535,29 @@ def sharing_test(recs: list[dict], family: str = "hill_floor") -> dict:
             "p_value": float(chi2_dist.sf(max(dchi2, 0.0), ddof)), "ratio_per_dof": dchi2 / ddof}
 
 
-def stability(records: list[dict], families=("soft_sign", "hill", "hill_floor")) -> dict:
+def transfer_ratio(old_fit: dict, family: str, x: np.ndarray, r: np.ndarray, se: np.ndarray, new_fit: dict) -> float:
+    """chi^2 of an old curve (fit_summary) on new bins (x, r, se) / chi^2 of the refit on them (new_fit)."""
+    fam_def = echo.CURVE_FAMILIES[family]
+    old_pred = fam_def.fn(x, *[old_fit["params"][k] for k in fam_def.names])
+    old_chi2 = float((((r - old_pred) / se) ** 2).sum())
+    return old_chi2 / new_fit["chi2"] if new_fit["chi2"] > 0 else float("inf")
+
+
+def stability(records: list[dict], families=STABILITY_FAMILIES) -> dict:
     """(f) per matrix over consecutive probed steps: drift z of each constant and transfer ratio
-    chi^2(old curve on new bins) / chi^2(refit on new bins) (reuse only if <= TRANSFER_REUSE)."""
+    chi^2(old curve on new bins) / chi^2(refit on new bins); plus the same-step null: the transfer ratio
+    between two independent replicate sets of one step (records' "f_null"), what pure noise gives."""
     by_name: dict[str, list[dict]] = {}
     for r in records:
         if r.get("kind") == "matrix" and "b" in r:
             by_name.setdefault(r["name"], []).append(r)
-    out = {fam: {"drift_z": [], "transfer": [], "pairs": []} for fam in families}
+    out = {fam: {"drift_z": [], "transfer": [], "pairs": [], "null": []} for fam in families}
     for name, recs in by_name.items():
         recs = sorted(recs, key=lambda r: r["step"])
+        for rec in recs:
+            for fam in families:
+                if rec.get("f_null", {}).get(fam) is not None:
+                    out[fam]["null"].append(rec["f_null"][fam])
         for old, new in zip(recs[:-1], recs[1:]):
             for fam in families:
                 fo, fn = old["b"]["fits"].get(fam), new["b"]["fits"].get(fam)
@@ -509,14 +565,28 @@ def stability(records: list[dict], families=("soft_sign", "hill", "hill_floor"))
                     continue
                 zs = [abs(fn["params"][k] - fo["params"][k]) / math.hypot(fo["param_se"][k], fn["param_se"][k])
                       for k in fo["params"] if fo["param_se"].get(k) and fn["param_se"].get(k)]
-                x, r, se = _points(new)
-                fam_def = echo.CURVE_FAMILIES[fam]
-                old_pred = fam_def.fn(x, *[fo["params"][k] for k in fam_def.names])
-                old_chi2 = float((((r - old_pred) / se) ** 2).sum())
-                transfer = old_chi2 / fn["chi2"] if fn["chi2"] > 0 else float("inf")
                 out[fam]["drift_z"].append(max(zs) if zs else float("nan"))
-                out[fam]["transfer"].append(transfer)
+                out[fam]["transfer"].append(transfer_ratio(fo, fam, *_points(new), fn))
                 out[fam]["pairs"].append([name, old["step"], new["step"]])
+    return out
+
+
+def same_step_null(record: dict, R_null: torch.Tensor, n_splits: int, n_bins: int, n_boot: int, seed: int,
+                   families=STABILITY_FAMILIES) -> dict:
+    """Transfer ratio of the record's fitted curves onto the bins of an independent replicate set R_null of
+    the same step and matrix: {family: ratio}. Between steps, a ratio no worse than this is no change at all."""
+    curve = binned_curve(echo.check_replicates(R_null, min_count=4), n_splits, n_bins, n_boot, seed + 1)
+    x, r, se = curve["x"], curve["r"], curve["se"]
+    out = {}
+    for fam in families:
+        old = record.get("b", {}).get("fits", {}).get(fam)
+        if old is None or len(x) < 4:
+            continue
+        try:
+            new = fit_summary(echo.fit_curve(fam, x, r, se))
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        out[fam] = transfer_ratio(old, fam, x, r, se, new)
     return out
 
 
@@ -564,6 +634,82 @@ def analyse_across(records: list[dict]) -> dict:
             "stability": stability(mats), "n_matrices": len(names), "steps": steps}
 
 
+def batch_verdict(b_simple_over_step: float) -> str:
+    """A replicate is a reasonable start: B_simple <= the step's tokens holds, >= 100x fails."""
+    if not math.isfinite(b_simple_over_step):
+        return "undecided"
+    return "holds" if b_simple_over_step <= 1 else ("fails" if b_simple_over_step >= 100 else "undecided")
+
+
+def replicates_verdict(knee_pass_fraction: float) -> str:
+    """(a) enough replicates: the knee half-width passes in >= 80% of matrices holds, < 50% fails."""
+    return "holds" if knee_pass_fraction >= 0.8 else ("fails" if knee_pass_fraction < 0.5 else "undecided")
+
+
+def fit_verdict(good_fraction: float, bad_shape_fraction: float) -> str:
+    """(b) good fits (reduced chi^2 <= 2, |autocorrelation| <= AUTOCORR_BAD) in >= 80% holds; a wrong shape
+    (autocorrelation > AUTOCORR_BAD) in more than half fails."""
+    return "holds" if good_fraction >= 0.8 else ("fails" if bad_shape_fraction > 0.5 else "undecided")
+
+
+def alignment_verdict(identifiable_top: float) -> str:
+    """(c) >= 80% of the top atoms identifiable holds, < 50% fails."""
+    return "holds" if identifiable_top >= 0.8 else ("fails" if identifiable_top < 0.5 else "undecided")
+
+
+def monotone_verdict(n_reversals: int, n_top_dips: int) -> str:
+    """(d) any significant reversal fails; none holds, unless a top-bin dip leaves it undecided."""
+    if n_reversals > 0:
+        return "fails"
+    return "undecided" if n_top_dips > 0 else "holds"
+
+
+def constants_verdict(constants_per_fold: list) -> str:
+    """(e) the 1-SE choice needs <= 3 constants everywhere: holds at this scale; more: fails; none: undecided."""
+    if not constants_per_fold:
+        return "undecided"
+    return "holds at this scale" if max(constants_per_fold) <= 3 else "fails"
+
+
+def stability_verdict(nearby_transfer: float, null_transfer: float | None) -> str:
+    """(f) nearby-step transfer ratio against the same-step null (two independent replicate sets of one step):
+    within TRANSFER_REUSE x the null holds, beyond 2x the null fails. Without a null the absolute rule
+    (<= TRANSFER_REUSE holds, > 2 fails) is used and said so."""
+    if not math.isfinite(nearby_transfer):
+        return "undecided (no nearby probed steps)"
+    if null_transfer is None or not math.isfinite(null_transfer):
+        base, note = 1.0, " (no same-step null: absolute rule)"
+    else:
+        base, note = max(null_transfer, 1.0), ""
+    if nearby_transfer <= TRANSFER_REUSE * base:
+        return "holds" + note
+    return ("fails" if nearby_transfer > 2 * base else "undecided") + note
+
+
+def utility_verdict(lookaheads: list[dict]) -> str:
+    """(g) per probed step, the rule with the lowest held-out loss at its best eta wins; a step where the winner's
+    or msign's best eta sits at an edge of its grid is undecided. msign winning every decided step: fails;
+    a shrinking rule winning every decided step: holds; a mix, or any undecided step: undecided."""
+    if not lookaheads:
+        return "undecided (no look-ahead measured)"
+    wins, edge_steps = [], 0
+    for lk in lookaheads:
+        winner = min(lk["delta"], key=lambda rule: min(lk["delta"][rule].values()))
+        at_edge = lk.get("at_edge", {})
+        if at_edge.get(winner) or at_edge.get("msign"):
+            edge_steps += 1
+            continue
+        wins.append(winner)
+    msign_wins = sum(1 for w in wins if w == "msign")
+    detail = (f"msign best in {msign_wins}/{len(wins)} decided steps, {edge_steps} step(s) with a best eta at a "
+              "grid edge")
+    if edge_steps or not wins:
+        return f"undecided ({detail})"
+    if msign_wins == len(wins):
+        return f"fails at this scale ({detail})"
+    return f"holds ({detail})" if msign_wins == 0 else f"undecided ({detail})"
+
+
 def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     """One row per assumption of the seed: measurement, numbers, verdict (holds / fails / undecided / not tested)."""
     mats = [r for r in records if r.get("kind") == "matrix" and "b" in r]
@@ -584,10 +730,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     ratio = med_b / step_tokens if step_tokens else float("nan")
     below = _med([r["g"]["below_edge_share"] for r in mats])
     above = _med([r["n_above_edge"] / min(r["shape"]) for r in mats])
-    if math.isfinite(ratio):
-        v = "holds" if ratio <= 1 else ("fails" if ratio >= 100 else "undecided")
-    else:
-        v = "undecided"
+    v = batch_verdict(ratio)
     rows.append({"assumption": "A replicate's gradient is a reasonable starting point (batch not OOMs too small)",
                  "diagnostic": "D0 B_simple vs tokens per step; (g) gain below the bulk edge",
                  "numbers": f"median B_simple {med_b:.3g} tokens = {ratio:.2g} x the {step_tokens} tokens of a step "
@@ -599,7 +742,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     hw = [r["a"]["knee_halfwidth"] for r in mats]
     pass_frac = _frac([h is not None and h < KNEE_PASS for h in hw])
     share = _med([r["a"]["probe_noise_share"] for r in mats])
-    v = "holds" if pass_frac >= 0.8 else ("fails" if pass_frac < 0.5 else "undecided")
+    v = replicates_verdict(pass_frac)
     rows.append({"assumption": f"Enough replicates (here K = {K}) to estimate the echo curve",
                  "diagnostic": "(a) bootstrap 90% half-width at the knee < 0.05",
                  "numbers": f"knee half-width median {_med(hw):.3f} (pass in {100 * pass_frac:.0f}% of matrices); "
@@ -613,7 +756,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     good = _frac([(c is not None and c <= 2) and (a is None or abs(a) <= AUTOCORR_BAD) for c, a in zip(rchi, ac)])
     bad_shape = _frac([a is not None and a > AUTOCORR_BAD for a in ac])
     counts = {f: best.count(f) for f in set(best)}
-    v = "holds" if good >= 0.8 else ("fails" if bad_shape > 0.5 else "undecided")
+    v = fit_verdict(good, bad_shape)
     rows.append({"assumption": "Least squares fit the echo across the whole spectrum",
                  "diagnostic": "(b) best family (AIC): reduced chi^2 <= 2 and residual autocorrelation <= 0.3",
                  "numbers": f"good fits in {100 * good:.0f}% of matrices; median reduced chi^2 {_med(rchi):.2g}, "
@@ -626,7 +769,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     ia = _med([r["c"]["identifiable_all"] for r in mats])
     first_bad = _med([r["c"]["first_unidentifiable"] for r in mats])
     deg = _med([r["c"]["degenerate_top"] for r in mats])
-    v = "holds" if it >= 0.8 else ("fails" if it < 0.5 else "undecided")
+    v = alignment_verdict(it)
     rows.append({"assumption": "Atoms can be aligned across replicates (no bad permutations / degenerate subspaces)",
                  "diagnostic": "(c) cross-half best overlap > 0.5 with margin > 0.25; jackknife gaps",
                  "numbers": f"identifiable: {100 * it:.0f}% of the top-10 atoms, {100 * ia:.0f}% of all (medians); "
@@ -639,9 +782,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     n_rev = sum(1 for x in rev if x > 0)
     n_rev_ratio = sum(1 for r in mats if r["d"]["ratio"]["reversals"] > 0)
     dips = sum(1 for r in mats if r["d"]["top_dip"])
-    v = "holds" if n_rev == 0 else "fails"
-    if n_rev == 0 and dips > 0:
-        v = "undecided"
+    v = monotone_verdict(n_rev, dips)
     max_z = np.nanmax([r["d"]["max_reversal_z"] if r["d"]["max_reversal_z"] is not None else np.nan for r in mats])
     # many adjacent-bin tests: the family-wise 5% threshold (Bonferroni) tells chance from a real reversal
     from scipy.stats import norm
@@ -666,8 +807,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     shares = [t for s in across["sharing"].values() for t in s.values() if t]
     share_ok = _frac([t["p_value"] > 0.01 for t in shares])
     by_shape = {k: [c[1] for c in v] for k, v in across["choice_by_shape"].items()}
-    few = n_const and max(n_const) <= 3
-    v = "holds at this scale" if few else ("fails" if n_const else "undecided")
+    v = constants_verdict(n_const)
     rows.append({"assumption": "The curve shape needs O(1) constants (not growing with M x N)",
                  "diagnostic": "(e) grouped CV, folds = matrices (per step) and = steps; 1-SE rule; shared constants",
                  "numbers": f"1-SE choice per step {dict(zip(across['cv_layers'].keys(), choices))}"
@@ -678,23 +818,23 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     # (f) the seed's worry is fast change: judge by nearby probed steps, report far pairs beside them
     st = across["stability"]
     parts = []
-    worst_near = None
+    worst_near, worst_null = None, None
     for fam, d in st.items():
         if not d["transfer"]:
             continue
         gaps = [p[2] - p[1] for p in d["pairs"]]
         near = [t for t, g in zip(d["transfer"], gaps) if g <= NEARBY_STEPS]
         far = [t for t, g in zip(d["transfer"], gaps) if g > NEARBY_STEPS]
+        null = _med(d.get("null", []))
         text = f"{fam}: transfer median {_med(near):.3g} over {len(near)} nearby pairs (<= {TRANSFER_REUSE} in " \
-               f"{100 * _frac([t <= TRANSFER_REUSE for t in near]):.0f}%), {_med(far):.3g} over {len(far)} far pairs; " \
+               f"{100 * _frac([t <= TRANSFER_REUSE for t in near]):.0f}%), {_med(far):.3g} over {len(far)} far " \
+               "pairs; " \
+               f"same-step null median {null:.3g} ({len(d.get('null', []))} matrices); " \
                f"drift |z| median {_med(d['drift_z']):.2g}"
         parts.append(text)
-        if near:
-            worst_near = max(worst_near or 0.0, _med(near))
-    if worst_near is None:
-        v = "undecided (no nearby probed steps)"
-    else:
-        v = "holds" if worst_near <= TRANSFER_REUSE else ("fails" if worst_near > 2 else "undecided")
+        if near and (worst_near is None or _med(near) > worst_near):
+            worst_near, worst_null = _med(near), (null if math.isfinite(null) else None)
+    v = stability_verdict(worst_near if worst_near is not None else float("nan"), worst_null)
     rows.append({"assumption": "The constants are stable over training (or cheap to refit per step)",
                  "diagnostic": f"(f) drift z and transfer ratio between consecutive probed steps {across['steps']} "
                                f"(nearby: <= {NEARBY_STEPS} steps apart)",
@@ -711,21 +851,15 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     if look:
         rules = look[0]["delta"].keys()
         steps_text = ", ".join(str(m["step"]) for m in models if "lookahead" in m)
-        look_text = f"; held-out look-ahead loss change at eta = lr (per step {steps_text}): " + \
-            ", ".join(f"{rule} " + "/".join(f"{lk['delta'][rule]['1']:+.4f}" for lk in look) for rule in rules)
+        look_text = "; held-out look-ahead loss change at each rule's best eta [best eta] " + \
+            f"(per step {steps_text}): " + \
+            ", ".join(f"{rule} " + "/".join(f"{min(lk['delta'][rule].values()):+.4f}"
+                                            f"[{lk.get('best_eta', {}).get(rule, float('nan')):g}"
+                                            f"{'*' if lk.get('at_edge', {}).get(rule) else ''}]" for lk in look)
+                      for rule in rules) + " (* = at a grid edge)"
     # first-order gain at a fixed spectral norm always prefers msign; the held-out look-ahead decides
     # each rule at its best step size of the grid (shrinking rules move less at one eta)
-    wins = [min(lk["delta"], key=lambda rule: min(lk["delta"][rule].values())) for lk in look]
-    msign_wins = sum(1 for w in wins if w == "msign")
-    if not wins:
-        v = "undecided (no look-ahead measured)"
-    elif msign_wins == len(wins):
-        v = f"fails at this scale (msign, at its best eta of the grid, has the lowest held-out loss in " \
-            f"{msign_wins}/{len(wins)} steps)"
-    elif msign_wins == 0:
-        v = f"holds (a shrinking rule beats msign, each at its best eta, in {len(wins)}/{len(wins)} steps)"
-    else:
-        v = f"undecided (msign best in {msign_wins}/{len(wins)} steps, each rule at its best eta)"
+    v = utility_verdict(look)
     rows.append({"assumption": "Shrinking by the echo helps (utility)",
                  "diagnostic": "(g) first-order gain relative to msign; held-out look-ahead loss of one step",
                  "numbers": f"gain / msign gain (medians): {gain_text}{look_text}",
@@ -918,7 +1052,7 @@ def random_row_batches(pattern: str, rows: int, seq_len: int,
 
 
 def probe_checkpoint(path: str, K: int, n_boot: int, seed: int, train_files: str | None = None,
-                     sampling: str = "random") -> tuple[list[dict], dict]:
+                     sampling: str = "random", null_set: bool = True) -> tuple[list[dict], dict]:
     """Probe one checkpoint with K micro-batches of the run's shape (micro_batch_tokens each).
 
     sampling="random": rows from uniformly random positions of the training shards (independent
@@ -952,7 +1086,8 @@ def probe_checkpoint(path: str, K: int, n_boot: int, seed: int, train_files: str
 
     lr = cfg.lr * train_gpt.lr_multiplier(cfg, step)
     records = probe_model(model, batches(), K, loss_fn, gpt_hidden_matrices(model),
-                          tokens_per_replicate=cfg.micro_batch_tokens, step=step, lr=lr, n_boot=n_boot, seed=seed)
+                          tokens_per_replicate=cfg.micro_batch_tokens, step=step, lr=lr, n_boot=n_boot, seed=seed,
+                          null_set=null_set)
     info = {"run_id": cfg.run_id, "preset": cfg.preset, "optimizer": cfg.optimizer,
             "tokens_per_replicate": cfg.micro_batch_tokens, "tokens_per_step": cfg.batch_tokens,
             "replicate_sampling": sampling}
@@ -962,6 +1097,54 @@ def probe_checkpoint(path: str, K: int, n_boot: int, seed: int, train_files: str
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _parse_ints(parser, flag: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, got {text!r}")
+
+
+def run_truth(args, parser) -> int:
+    """--truth: every estimator against ground truth at each checkpoint (echo_truth.py)."""
+    import echo_truth
+
+    k_list = _parse_ints(parser, "--k-list", args.k_list)
+    layers = _parse_ints(parser, "--layers", args.layers)
+    if not k_list or min(k_list) < 4:
+        parser.error(f"--k-list needs replicate counts >= 4 (the reverb needs 3, the cross-projection halves 2 each), "
+                     f"got {args.k_list!r}")
+    if args.truth_replicates < 2 or args.truth_replicates % 2:
+        parser.error(f"--truth-replicates must be an even number >= 2 (the truth is split in halves for its noise "
+                     f"floor; the study wants >= 64), got {args.truth_replicates}")
+    if args.plot_k not in k_list:
+        parser.error(f"--plot-k {args.plot_k} must be one of --k-list {k_list}")
+    os.makedirs(args.out, exist_ok=True)
+    jsonl = os.path.join(args.out, "truth.jsonl")
+    open(jsonl, "w").close()
+    records, meta = [], {}
+    for i, path in enumerate(args.checkpoint):
+        t0 = datetime.datetime.now()
+        recs, info = echo_truth.truth_checkpoint(
+            path, args.truth_replicates, k_list, args.seed, args.train_files, args.replicate_tokens, args.row_tokens,
+            layers, args.plot_k, args.device, log=lambda text: print(text, flush=True))
+        records += recs
+        with open(jsonl, "a") as f:  # written per checkpoint, so a cut-short run keeps what it measured
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+        print(f"truth at {path}: {(datetime.datetime.now() - t0).total_seconds():.0f}s", flush=True)
+        meta = {"title": args.title or os.path.basename(args.out.rstrip("/")), "study": "truth", **info,
+                "plot_k": args.plot_k, "layers": layers or "all",
+                "checkpoints": ", ".join(os.path.basename(p.rstrip("/")) for p in args.checkpoint[: i + 1]),
+                "date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": args.device,
+                "cpu_threads": torch.get_num_threads()}
+        with open(os.path.join(args.out, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    print(echo_truth.write_truth_summary(args.out, records, meta, args.plot_k))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -975,16 +1158,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampling", choices=("random", "stream"), default="random",
                         help="replicate batches from random positions of the training data (independent), or the "
                              "run's own next batches (adjacent text: correlated replicates)")
-    parser.add_argument("--summarize", metavar="DIR", help="only rebuild summary.md and plots from DIR/probe.jsonl")
+    parser.add_argument("--null-set", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw a second, independent set of K replicates per checkpoint for the same-step null "
+                             "of the stability transfer ratio (doubles the gradient passes)")
+    parser.add_argument("--summarize", metavar="DIR", help="only rebuild summary.md and plots from DIR/probe.jsonl "
+                                                           "(or DIR/truth.jsonl of a --truth study)")
     parser.add_argument("--title", default=None)
+    truth = parser.add_argument_group("ground truth (--truth): every estimator against the mean of many replicates")
+    truth.add_argument("--truth", action="store_true", help="run the truth study (echo_truth.py) instead of the probe")
+    truth.add_argument("--truth-replicates", type=int, default=64, help="replicates averaged into the truth")
+    truth.add_argument("--k-list", default="4,8,16,32", help="estimator replicate counts K")
+    truth.add_argument("--replicate-tokens", type=int, default=None,
+                       help="tokens per replicate (default: the run's micro-batch; the user's operating point: "
+                            "65536)")
+    truth.add_argument("--row-tokens", type=int, default=None, help="tokens per row (default: the run's seq_len)")
+    truth.add_argument("--layers", default=None, help="only these blocks' matrices, e.g. 0,7,15 (default: all)")
+    truth.add_argument("--plot-k", type=int, default=8, help="K of the plotted curves and the headline tables")
+    truth.add_argument("--device", default="cpu", help="device for the gradients and the analysis (cpu or cuda)")
     args = parser.parse_args(argv)
     if args.summarize:
         out = args.summarize
         meta = json.load(open(os.path.join(out, "meta.json")))
-        print(write_outputs(out, read_jsonl(os.path.join(out, "probe.jsonl")), meta))
+        if os.path.exists(os.path.join(out, "truth.jsonl")):
+            import echo_truth
+
+            print(echo_truth.write_truth_summary(out, read_jsonl(os.path.join(out, "truth.jsonl")), meta,
+                                                 meta.get("plot_k", 8)))
+        else:
+            print(write_outputs(out, read_jsonl(os.path.join(out, "probe.jsonl")), meta))
         return 0
     if not args.checkpoint or not args.out:
         parser.error("give --checkpoint DIR [DIR ...] and --out DIR (or --summarize DIR)")
+    for path in args.checkpoint:
+        if not os.path.exists(os.path.join(path, "model.pt")):
+            parser.error(f"{path} is not a train_gpt.py checkpoint directory (no model.pt); checkpoints are written by "
+                         "train_gpt.py --checkpoint-every N --checkpoint-dir DIR")
+    if args.truth:
+        return run_truth(args, parser)
     if args.K < 4:
         parser.error(f"--K must be >= 4, got {args.K}")
     os.makedirs(args.out, exist_ok=True)
@@ -993,7 +1203,8 @@ def main(argv: list[str] | None = None) -> int:
     open(jsonl, "w").close()
     for i, path in enumerate(args.checkpoint):
         t0 = datetime.datetime.now()
-        recs, info = probe_checkpoint(path, args.K, args.boot, args.seed, args.train_files, args.sampling)
+        recs, info = probe_checkpoint(path, args.K, args.boot, args.seed, args.train_files, args.sampling,
+                                      args.null_set)
         records += recs
         with open(jsonl, "a") as f:  # written per checkpoint, so a cut-short run keeps what it measured
             for r in recs:

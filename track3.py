@@ -10,8 +10,8 @@ architecture, data and batch; the fewest steps to val loss 3.28. Its rules, as u
         ((old_mean - new_mean) + (old_steps - new_steps) / 100 * 0.0045) / sqrt(1 / n_old + 1 / n_new) >= 0.004,
     where 0.0045 val loss per 100 steps is the benchmark's measured exchange rate near the target.
 make_record.py (`--track track3`) applies these to logs; config.py calls `preset_problems` to refuse flags that
-would take a `track3` run off the benchmark, and train_gpt.py logs `benchmark_statement` (the hook for `--dry-run`:
-that line names the steps, tokens/step, layers and width a track3 run will use).
+would take a `track3` run off the benchmark, and train_gpt.py writes `benchmark_statement` into the log and prints it
+with `--dry-run` (that line names the steps, tokens/step, layers and width a track3 run will use).
 """
 from __future__ import annotations
 
@@ -159,35 +159,50 @@ PRESET = "track3"
 # Fields the benchmark fixes (architecture, data, batch, target). Every Hyperparameters field is in FIXED_FIELDS or
 # FREE_FIELDS (a test checks it), so a field added later must be classified before track3 runs.
 FIXED_FIELDS = (
-    # architecture
+    # architecture (the record-18 features are switched off by the preset and stay off; windows and gates unused)
     "vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "merged_qkvo", "qk_norm",
     "v_norm", "rotary", "rotary_base", "attn_scale", "num_value_embeds", "x0_mix", "skip_connections",
     "mlp_only_layers", "relu_squared", "logit_softcap", "doc_mask", "bos_id", "sliding_window",
     "long_window_layers", "max_window_tokens", "window_block", "linear_bias", "norm_gains",
+    "qkvo_scales", "key_offset", "yarn", "attn_output_gate", "gate_dims", "value_embed_gates", "second_embed",
+    "smear", "gated_skips", "backout_layer", "logit_softcap_kind", "logit_sigmoid_shift",
+    "logit_sigmoid_temperature", "tied_head_frac", "window_schedule", "short_window_max_blocks",
+    "extension_window_blocks", "final_window_blocks", "yarn_max_window_blocks",
+    # the objective: next-token cross-entropy on fp32 logits (no multi-token prediction)
+    "mtp_weights", "mtp_frac", "bf16_cross_entropy",
     # data and batch (micro_batch_tokens only splits the same batch into forward passes)
-    "train_files", "val_files", "val_tokens", "seq_len", "val_seq_len", "align_to_bos", "batch_tokens",
-    "val_loss_target",
+    "train_files", "val_files", "val_tokens", "seq_len", "align_to_bos", "sample_rows", "pack_documents",
+    "max_doc_tokens", "batch_tokens", "batch_schedule", "val_loss_target",
 )
 # Free: the optimizer and its schedules, the initialisation (a freedom of the benchmark), step count, validation
-# cadence, memory splits and run control.
+# cadence, memory splits (val_seq_len: a multiple of seq_len, see benchmark_deviations) and run control.
+# sum_train_loss only scales the gradient (an optimizer matter: Adam's eps sees it).
 FREE_FIELDS = (
-    "preset", "run_id", "log_dir", "seed", "device", "compile", "micro_batch_tokens", "val_batch_rows",
-    "hidden_init", "zero_init_proj", "num_iterations", "cooldown_frac", "final_lr_frac", "optimizer",
-    "optimizer_args", "lr", "momentum", "momentum_warmup_start", "momentum_warmup_steps", "weight_decay",
-    "mlp_weight_decay_mul", "head_lr", "embed_lr", "scalar_lr", "adam_beta1", "adam_beta2", "adam_eps",
-    "adam_weight_decay", "warmup_steps", "val_loss_every", "val_loss_every_late", "val_late_start", "print_every",
-    "checkpoint_every", "checkpoint_dir", "resume", "report_unigram", "debug_crash_at_step", "off_benchmark",
+    "preset", "run_id", "log_dir", "seed", "device", "compile", "cpu_threads", "micro_batch_tokens", "val_seq_len",
+    "hidden_init", "qkv_init_gain", "zero_init_proj", "zero_init_value_embeds", "resid_lambda_init", "head_init_std",
+    "sum_train_loss", "num_iterations", "extension_steps", "lr_stages", "cooldown_frac", "final_lr_frac",
+    "optimizer", "optimizer_args", "lr", "momentum", "momentum_warmup_start", "momentum_warmup_steps",
+    "momentum_cooldown_steps", "weight_decay", "mlp_weight_decay_mul", "cautious_weight_decay", "matrix_lr_muls",
+    "matrix_shape_scale", "head_lr", "embed_lr", "value_embed_lr", "second_embed_lr", "gate_lr", "x0_lambda_lr",
+    "scalar_lr", "adam_beta1", "adam_beta2", "scalar_beta1", "scalar_beta2", "adam_eps", "adam_weight_decay",
+    "embed_head_weight_decay_mul", "value_embed_weight_decay_mul", "scalar_weight_decay_mul", "adam_step_every",
+    "warmup_steps", "val_loss_every", "val_loss_every_late", "val_late_start", "print_every", "checkpoint_every",
+    "checkpoint_dir", "resume", "report_baselines", "debug_crash_at_step", "dry_run", "off_benchmark",
 )
 
 
 def benchmark_deviations(cfg) -> list[str]:
-    """The fixed fields whose value differs from the track3 preset's (empty for other presets)."""
+    """The fixed fields whose value differs from the track3 preset's, and val_seq_len when it is not a multiple of
+    seq_len (validation scores rows of seq_len tokens only then). Empty for other presets."""
     from config import PRESETS, Hyperparameters
 
     if cfg.preset != PRESET:
         return []
     reference = Hyperparameters(**PRESETS[PRESET])
-    return [name for name in FIXED_FIELDS if getattr(cfg, name) != getattr(reference, name)]
+    changed = [name for name in FIXED_FIELDS if getattr(cfg, name) != getattr(reference, name)]
+    if cfg.val_seq_len % cfg.seq_len:  # validation rows would not be the training rows of seq_len tokens
+        changed.append("val_seq_len")
+    return changed
 
 
 def _flag(name: str, value) -> str:

@@ -1,7 +1,7 @@
 """GPT-2 Medium speedrun training with pluggable matrix optimizers.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py              # medium track, 8x H100
-    python train_gpt.py --preset cpu-tiny                              # small, on a CPU
+    python train_gpt.py                                                # without CUDA: preset cpu-bytes
 
 The training loop lives here; the config and presets in config.py, the model in model.py, the step schedules
 in schedules.py, optimizers in optimizers/, orthogonalisation kernels in kernels/, the data format and loaders
@@ -31,11 +31,15 @@ REPO_ROOT = os.path.dirname(os.path.realpath(__file__))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from config import (ConfigError, Hyperparameters, parse_config, parse_optimizer_args,  # noqa: E402
-                    validate_config)
-from model import GPT  # noqa: E402
+from config import (MATRIX_ROLES, ConfigError, Hyperparameters, parse_config,  # noqa: E402
+                    parse_matrix_lr_muls, parse_optimizer_args, validate_config)
 import track3  # noqa: E402
-from schedules import lr_multiplier, momentum_at, validation_due, window_tokens_at  # noqa: E402
+from attention import needs_masks  # noqa: E402
+from model import GPT  # noqa: E402
+from schedules import (format_schedule_table, forwards_per_step, schedule_at, short_window_tokens,  # noqa: E402
+                       untie_step, validation_due)
+# re-exported: spectral_probe.py and bench/optimizer_race.py run their own steps with the loop's schedules
+from schedules import lr_multiplier, momentum_at, window_tokens_at  # noqa: E402,F401
 
 
 # -----------------------------------------------------------------------------------------------
@@ -44,52 +48,72 @@ from schedules import lr_multiplier, momentum_at, validation_due, window_tokens_
 
 def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | None = None
                      ) -> list[torch.optim.Optimizer]:
-    """Hidden matrices -> the chosen matrix optimizer; embeddings, head and scalars -> DistAdam.
-    Every parameter lands in exactly one group (asserted). Optimizers that take `param_names` get the hidden
-    matrices' names; those that write diagnostics get `diagnostics_path` unless --optimizer-args sets one."""
+    """[DistAdam, matrix optimizer]. Hidden matrices (model roles attn, mlp_in, mlp_out, gate) -> the chosen matrix
+    optimizer, one group per role with group keys lr_mul (--matrix-lr-muls), shape_scale, cautious_weight_decay
+    and weight_decay_mul; embeddings, head, one-output gates and scalars -> DistAdam, one group per role with its
+    own lr (Adam weight decay on embeddings and head only). Every parameter lands in exactly one group (asserted).
+    Optimizers that take `param_names` get the hidden matrices' names; those that write diagnostics get
+    `diagnostics_path` unless --optimizer-args sets one."""
     from optimizers import DistAdam, get_optimizer_class
 
-    attn_mats, mlp_mats, scalars = [], [], []
-    attn_names, mlp_names = [], []
-    for i, block in enumerate(model.blocks):
-        for name, p in block.named_parameters():
-            if p.ndim < 2:
-                scalars.append(p)
-            elif name.startswith("mlp."):
-                mlp_mats.append(p)
-                mlp_names.append(f"blocks.{i}.{name}")
-            else:
-                attn_mats.append(p)
-                attn_names.append(f"blocks.{i}.{name}")
-    embeds = [model.embed.weight] + [t.weight for t in model.value_embeds]
-    head = [model.head.weight]
-    # outside the blocks: skip weights, norm gains, the head's bias
-    scalars += [p for name, p in model.named_parameters() if not name.startswith("blocks.") and p.ndim < 2]
-    grouped = attn_mats + mlp_mats + scalars + embeds + head
+    roles = model.parameter_roles()
+
+    def params(role: str) -> list[torch.nn.Parameter]:
+        return [p for _, p in roles.get(role, [])]
+
+    embed_decay, value_decay = cfg.embed_head_weight_decay_mul, cfg.value_embed_weight_decay_mul
+    adam_groups = [dict(params=params("embed"), lr=cfg.embed_lr, weight_decay_mul=embed_decay),
+                   dict(params=params("value_embed"), lr=cfg.value_embed_lr or cfg.embed_lr, weight_decay_mul=value_decay),
+                   dict(params=params("second_embed"), lr=cfg.second_embed_lr, weight_decay_mul=value_decay),
+                   dict(params=params("head"), lr=cfg.head_lr, weight_decay_mul=embed_decay),
+                   dict(params=params("vector_gate"), lr=cfg.gate_lr, weight_decay_mul=0.0),
+                   dict(params=params("x0_lambda"), lr=cfg.x0_lambda_lr or cfg.scalar_lr, weight_decay_mul=0.0),
+                   dict(params=params("scalar"), lr=cfg.scalar_lr, betas=(cfg.scalar_beta1, cfg.scalar_beta2),
+                        weight_decay_mul=cfg.scalar_weight_decay_mul)]
+    matrix_cls = get_optimizer_class(cfg.optimizer)
+    accepted = inspect.signature(matrix_cls.__init__).parameters
+    lr_muls = parse_matrix_lr_muls(cfg.matrix_lr_muls)
+    matrix_groups = []
+    for role in MATRIX_ROLES:
+        group = dict(params=params(role), lr_mul=lr_muls[role], shape_scale=cfg.matrix_shape_scale,
+                     cautious_weight_decay=cfg.cautious_weight_decay,
+                     weight_decay_mul=cfg.mlp_weight_decay_mul if role.startswith("mlp") else 1.0)
+        if role == "gate" and "neuron_axis" in accepted:  # one neuron per head: (heads, gate_dims), as the record
+            group["neuron_axis"] = "rows"
+        matrix_groups.append(group)
+    adam_groups = [g for g in adam_groups if g["params"]]
+    matrix_groups = [g for g in matrix_groups if g["params"]]
+    grouped = [p for g in adam_groups + matrix_groups for p in g["params"]]
     assert len({id(p) for p in grouped}) == len(grouped) == len(list(model.parameters())), \
         "every parameter must land in exactly one optimizer group"
 
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    adam = DistAdam([dict(params=embeds, lr=cfg.embed_lr), dict(params=head, lr=cfg.head_lr),
-                     dict(params=scalars, lr=cfg.scalar_lr)], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps,
-                    weight_decay=cfg.adam_weight_decay)
-    matrix_cls = get_optimizer_class(cfg.optimizer)
+    adam = DistAdam(adam_groups, lr=cfg.scalar_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                    weight_decay=cfg.adam_weight_decay, cautious_weight_decay=cfg.cautious_weight_decay,
+                    step_every=cfg.adam_step_every)
     kwargs = parse_optimizer_args(cfg.optimizer_args)
-    accepted = inspect.signature(matrix_cls.__init__).parameters
     if "param_names" in accepted:
-        kwargs.setdefault("param_names", attn_names + mlp_names)
+        kwargs.setdefault("param_names", [name for role in MATRIX_ROLES for name, _ in roles.get(role, [])])
     if "diagnostics_path" in accepted and kwargs.get("diagnostics_every", 0) and diagnostics_path:
         kwargs.setdefault("diagnostics_path", diagnostics_path)
     try:
-        matrix = matrix_cls([dict(params=attn_mats, weight_decay_mul=1.0),
-                             dict(params=mlp_mats, weight_decay_mul=cfg.mlp_weight_decay_mul)],
-                            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kwargs)
+        matrix = matrix_cls(matrix_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"--optimizer-args {cfg.optimizer_args!r} do not fit {matrix_cls.__name__}: {exc}") from exc
     for opt in (adam, matrix):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return [adam, matrix]
+
+
+@torch.no_grad()
+def untie_embedding(model: GPT, adam: torch.optim.Optimizer) -> None:
+    """Split the input embedding from the head (record 18, after the step of schedules.untie_step): the embedding
+    starts as a copy of the head's weight and of the head's Adam state (this rank's rows of it)."""
+    head, embed = model.head.weight, model.embed.weight
+    model.untie()
+    if head in adam.state:
+        adam.state[embed] = {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                             for k, v in adam.state[head].items()}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -193,7 +217,13 @@ def load_checkpoint_meta(path: str) -> dict:
     if not os.path.exists(meta_path):
         raise ConfigError(f"{path} is not a complete checkpoint (no meta.json); pick another step directory")
     with open(meta_path) as f:
-        return json.load(f)
+        meta = json.load(f)
+    missing = {"step", "train_time_ms", "world_size", "config"} - set(meta)
+    unknown = set(meta.get("config", {})) - {f.name for f in dataclasses.fields(Hyperparameters)}
+    if missing or unknown:
+        raise ConfigError(f"{meta_path} lacks {sorted(missing)} or has unknown config fields {sorted(unknown)}: it was "
+                          "not written by this version of train_gpt.py; resume it with the version that wrote it")
+    return meta
 
 
 # -----------------------------------------------------------------------------------------------
@@ -210,6 +240,8 @@ def setup_distributed(cfg: Hyperparameters) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        if cfg.cpu_threads > 0:
+            torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, world_size, device
@@ -224,15 +256,23 @@ def mean_over_ranks(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def evaluate(model, cfg: Hyperparameters, step: int, rank: int, world_size: int, device, use_flex: bool) -> float:
+    """Mean val loss at this step's schedule (the final window at the last step), averaged over ranks."""
     from data.shards import iter_val_batches
 
+    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
+    schedule = schedule_at(cfg, step, final=step == cfg.num_iterations)
+    raw.apply_schedule(schedule)
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    window = window_tokens_at(cfg, step)
+    # FlexAttention packs one row of val_seq_len tokens. The dense CPU path and plain causal attention score the same
+    # tokens as rows of the training length seq_len (when it divides val_seq_len), so every position has the context
+    # it had in training.
+    one_row = (use_flex and needs_masks(cfg)) or cfg.val_seq_len % cfg.seq_len
+    rows = 1 if one_row else cfg.val_seq_len // cfg.seq_len
     with torch.no_grad(), autocast(device):
-        for inputs, targets in iter_val_batches(cfg.val_files, cfg.val_batch_rows, cfg.val_seq_len, cfg.val_tokens,
+        for inputs, targets in iter_val_batches(cfg.val_files, rows, cfg.val_seq_len // rows, cfg.val_tokens,
                                                 rank=rank, world_size=world_size, device=device):
-            masks = model_masks(model, inputs, window, use_flex)
+            masks = model_masks(model, inputs, schedule.long_window, use_flex)
             total += model(inputs, targets, masks).float()
             count += 1
     model.train()
@@ -245,9 +285,10 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def model_masks(model, inputs, window, use_flex):
+def model_masks(model, inputs, long_window: int, use_flex: bool) -> dict:
+    """Attention masks for a long window (tokens); the short layers' window follows schedules.short_window_tokens."""
     raw = model._orig_mod if hasattr(model, "_orig_mod") else model
-    return raw.attention_masks(inputs, window, use_flex)
+    return raw.attention_masks(inputs, long_window, short_window_tokens(raw.cfg, long_window), use_flex)
 
 
 def optimizer_summary(opt) -> list[str]:
@@ -269,6 +310,19 @@ def optimizer_summary(opt) -> list[str]:
     return lines
 
 
+def baseline_lines(cfg: Hyperparameters, final_val_loss: float) -> list[str]:
+    """The final val loss against unigram and bigram models of the train tokens, scored on the same val tokens
+    (add-one smoothing over the model's vocab_size; see data.shards)."""
+    from data.shards import bigram_cross_entropy, unigram_cross_entropy
+
+    lines = []
+    for name, baseline in (("unigram", unigram_cross_entropy), ("bigram", bigram_cross_entropy)):
+        value = baseline(cfg.train_files, cfg.val_files, vocab_size=cfg.vocab_size, val_tokens=cfg.val_tokens)
+        lines.append(f"final val_loss {final_val_loss:.4f} vs {name} model of the same data {value:.4f} "
+                     f"({value - final_val_loss:.2f} nats lower)")
+    return lines
+
+
 def steps_to_target_line(val_losses: dict[int, float], target: float) -> str:
     """The run's steps-to-target: the first validation at or below target (runlog reads the same from the log)."""
     reached = [step for step, loss in sorted(val_losses.items()) if loss <= target]
@@ -282,12 +336,24 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def make_train_loader(cfg: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    """A loader with next_batch(tokens) -> this rank's (inputs, targets) of one forward: documents packed into one
+    row of `tokens` (--pack-documents), or rows of seq_len tokens (then `tokens` is always micro_batch_tokens),
+    drawn at random from cfg.seed (--sample-rows) or read in order."""
+    from data.shards import DistributedTokenLoader, PackedDocumentLoader
+
+    if cfg.pack_documents:
+        return PackedDocumentLoader(cfg.train_files, rank=rank, world_size=world_size, max_doc_tokens=cfg.max_doc_tokens,
+                                    bos_id=cfg.bos_id, device=device)
+    return DistributedTokenLoader(cfg.train_files, cfg.micro_batch_tokens // cfg.seq_len, cfg.seq_len, rank=rank,
+                                  world_size=world_size, align_to_bos=cfg.align_to_bos, bos_id=cfg.bos_id,
+                                  device=device, sample_seed=cfg.seed if cfg.sample_rows else None)
+
+
 def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     """Runs the whole job. Returns {"val_losses": {step: loss}, "train_losses": {step: loss}, "log_path": ...}.
     status (optional) receives "log_path" as soon as it is known, so a caller can report a failure into the log."""
     status = {} if status is None else status
-    from data.shards import DistributedTokenLoader
-
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
     resume_meta = None
@@ -319,8 +385,9 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         write_log_header(log, cfg, device, world_size)
     else:
         log.write(f"resumed from {cfg.resume} at step {resume_meta['step']}")
+    tokens = cfg.batch_schedule or cfg.batch_tokens
     log.write(f"run {cfg.run_id}: preset {cfg.preset}, optimizer {cfg.optimizer}, world size {world_size}, "
-              f"{accum_steps} accumulation step(s), {cfg.batch_tokens} tokens/step, device {device}; log {log_path}")
+              f"{accum_steps} accumulation step(s), tokens/step {tokens}, device {device}; log {log_path}")
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
@@ -336,34 +403,40 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     # optimizers that estimate gradient noise (spectral_echo) take each micro-batch's gradient as a replicate
     record_replicate = getattr(optimizers[1], "add_replicate_gradients", None)
     use_flex = device.type == "cuda"
-    rows = cfg.micro_batch_tokens // cfg.seq_len
-    if use_flex and rows != 1 and model.needs_masks:
-        raise ConfigError(f"on CUDA each rank packs one row per micro-batch: set --seq-len {cfg.micro_batch_tokens}")
-    loader = DistributedTokenLoader(cfg.train_files, rows, cfg.seq_len, rank=rank, world_size=world_size,
-                                    align_to_bos=cfg.align_to_bos, bos_id=cfg.bos_id, device=device)
+    # rows per forward (1 on CUDA unless attention is plain causal: validate_config)
+    rows = 1 if cfg.pack_documents else cfg.micro_batch_tokens // cfg.seq_len
+    loader = make_train_loader(cfg, rank, world_size, device)
+    if cfg.compile:  # one graph per schedule transition (batch size, MTP stage, tie state) and for validation
+        import torch._dynamo as dynamo
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     step_model = torch.compile(model, dynamic=False) if cfg.compile else model
+    forwards, split_step = forwards_per_step(cfg), untie_step(cfg)
 
-    def train_step(step: int, inputs_fn) -> torch.Tensor:
-        """One optimizer step at `step` (0-based count of steps done). Returns the rank-mean train loss."""
-        window = window_tokens_at(cfg, step)
+    def train_step(step: int, next_batch) -> torch.Tensor:
+        """One optimizer step at `step` (0-based count of steps done); next_batch(tokens) gives this rank's
+        (inputs, targets) of one forward. Returns the rank-mean train loss per target token."""
+        schedule = schedule_at(cfg, step)
+        model.apply_schedule(schedule)
+        mtp = torch.tensor(schedule.mtp_weights, device=device) if len(schedule.mtp_weights) > 1 else None
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum_steps):
-            inputs, targets = inputs_fn()
+            inputs, targets = next_batch(schedule.tokens // forwards)
             with autocast(device):
-                loss = step_model(inputs, targets, model_masks(step_model, inputs, window, use_flex))
+                loss = step_model(inputs, targets, model_masks(step_model, inputs, schedule.long_window, use_flex), mtp)
             (loss / accum_steps).backward()
             if record_replicate is not None:
                 record_replicate()
-            loss_sum += loss.detach().float()
-        mult, mom = lr_multiplier(cfg, step), momentum_at(cfg, step)
+            loss_sum += loss.detach().float() / (targets.numel() if cfg.sum_train_loss else 1)
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * mult
+                group["lr"] = group["initial_lr"] * schedule.lr_mult
         for group in optimizers[1].param_groups:
-            group["momentum"] = mom
+            group["momentum"] = schedule.momentum
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        if step == split_step:
+            untie_embedding(model, optimizers[0])
         return mean_over_ranks(loss_sum / accum_steps, world_size)
 
     if cfg.warmup_steps > 0 and resume_meta is None:
@@ -372,13 +445,14 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         saved_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
         gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-        def random_batch():
-            x = torch.randint(0, cfg.vocab_size, (rows, cfg.seq_len + 1), generator=gen).to(device)
+        def random_batch(tokens: int):
+            x = torch.randint(0, cfg.vocab_size, (rows, tokens // rows + 1), generator=gen).to(device)
             return x[:, :-1], x[:, 1:]
 
         t0 = time.perf_counter()
         for i in range(cfg.warmup_steps):
             train_step(i % max(cfg.num_iterations, 1), random_batch)
+            log.write(f"warm-up step {i}: {time.perf_counter() - t0:.1f}s")  # compile time shows at transitions
         model.load_state_dict(saved_model)
         for opt, state in zip(optimizers, saved_opts):
             opt.load_state_dict(state)
@@ -395,6 +469,9 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         if shard["rng_cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(shard["rng_cuda"])
         start_step, train_time_ms = resume_meta["step"], resume_meta["train_time_ms"]
+
+    # the row loader's forwards are always micro_batch_tokens (validate_config refuses a batch schedule with it)
+    next_batch = loader.next_batch if cfg.pack_documents else (lambda tokens: loader.next_batch())
 
     def checkpoint(step: int, tag: str | None = None):
         path = os.path.join(cfg.checkpoint_dir, cfg.run_id, tag or f"step_{step:06d}")
@@ -429,7 +506,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         if step == cfg.debug_crash_at_step:
             raise RuntimeError(f"debug crash at step {step} (--debug-crash-at-step)")
 
-        train_loss = train_step(step, loader.next_batch).item()
+        train_loss = train_step(step, next_batch).item()
         if not math.isfinite(train_loss):
             msg = f"non-finite train loss ({train_loss}) at step {step + 1}; stopping"
             if cfg.checkpoint_every > 0:
@@ -452,16 +529,36 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         log.write(line)
     if cfg.val_loss_target > 0 and val_losses:
         log.write(steps_to_target_line(val_losses, cfg.val_loss_target))
-    if cfg.report_unigram and master:
-        from data.shards import unigram_cross_entropy
-        unigram = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=50257)
-        log.write(f"final val_loss {val_losses[total]:.4f} vs unigram model of the same data {unigram:.4f} "
-                  f"({unigram - val_losses[total]:.2f} nats lower)")
+    if cfg.report_baselines and master:
+        for line in baseline_lines(cfg, val_losses[total]):
+            log.write(line)
     return dict(val_losses=val_losses, train_losses=train_losses, log_path=log_path, run_id=cfg.run_id)
+
+
+def dry_run(cfg: Hyperparameters) -> int:
+    """--dry-run: the resolved config and the schedule table at this launch's world size (WORLD_SIZE, default 1),
+    after the checks that need no data; reads no data and touches no GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        accum_steps = validate_config(cfg, world_size, check_data=False, check_device=False)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"\npreset {cfg.preset}: {cfg.num_iterations} steps, world size {world_size}, {accum_steps} "
+              f"accumulation step(s) per optimizer step\n")
+        statement = track3.benchmark_statement(cfg)
+        if statement:
+            print(statement + "\n")
+        print(format_schedule_table(cfg, world_size), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if cfg.dry_run:
+        return dry_run(cfg)
     status: dict = {}
     try:
         train(cfg, status)

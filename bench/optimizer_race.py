@@ -1,24 +1,33 @@
-"""Optimizer race: one fixed protocol, every matrix optimizer, several seeds; a table, a plot and JSON.
+"""Optimizer race: one fixed protocol, every matrix optimizer, paired seeds, controls; a table, plots and JSON.
 
     python bench/optimizer_race.py --protocol cpu --out records/optimizer_race/<date>_cpu
     python bench/optimizer_race.py --protocol gpu-1 --out records/optimizer_race/<date>_gpu1   # one GPU
     python bench/optimizer_race.py --protocol cpu --out DIR --stage report                      # outputs only
-    python bench/optimizer_race.py --protocol cpu --out DIR --dry-run                           # specs + commands
+    python bench/optimizer_race.py --protocol cpu --out DIR --dry-run                           # specs + run counts
 
-A protocol (PROTOCOLS) fixes the train_gpt.py flags (preset, data, token budget, validation), a learning-rate
-grid per optimizer family, the seeds and a target val loss. Stages, each resumable (finished runs are skipped):
-  1. tune:   `<out>/tune.json`, a launch_sweep.py spec: every tuned contender at every lr of its grid, tune seed.
-  2. final:  the lr with the lowest final val loss per contender; `<out>/final.json`: every contender at its
-             lr, all seeds. The tag of a run is `<contender>-lr<lr>-s<seed>`, so the tune-seed run at the chosen
-             lr is the tuning run itself (launch_sweep.py skips it). Contenders with `lr_from` (the spectral-ORD
-             variants: a controlled comparison with Muon) use that contender's tuned lr; --tune-all tunes them.
-  3. timing: optimizer.step time as a share of the whole step, in this process, same model config, after
-             warm-up; on CPU the contenders are interleaved step by step (machine load drifts hit all alike).
-  4. report: `<out>/README.md` (tables), `<out>/results.json` (every number), `<out>/loss.png` (val loss vs step
-             and time, mean and +-1 std band over seeds, from plot_loss.py), the exact commands.
-Statistics per contender: mean, std (ddof=1) and n of the final val loss, Welch's t-test against Muon
-(scipy.stats.ttest_ind, equal_var=False, two-sided); steps and training time (validation excluded) to the first
-validation at or below the target.
+A protocol (PROTOCOLS) fixes the train_gpt.py flags (preset, data, token budget, validation), a learning-rate grid
+per optimizer family, the seeds and how the target loss is set. Seeds are paired: a seed fixes the model's
+initialisation and the training rows (the CPU presets draw rows at random from the seed), so contender A and
+contender B at seed s start from the same weights and see the same batches. Stages, each resumable (finished runs
+are skipped; launch_sweep.py restarts unfinished ones):
+  1. tune:    every tuned contender at every lr of its grid (>= 5 points), on the tune seed only, which is left out
+              of every comparison. A grid whose best lr is at an edge is extended by one point beyond that edge
+              (same ratio), up to `max_grid_extensions` times, until the best lr is interior. `<out>/grids.json`
+              keeps the grids (so a resumed race continues them), `<out>/tune.json` is the last sweep spec.
+  2. final:   `<out>/final.json`: every contender at its chosen lr on the final seeds; `<out>/aa.json`: Muon at its
+              lr on a second seed set (the A/A control). Contenders with `lr_from` (controlled variants of Muon or
+              of the fitted echo) take that contender's tuned lr; --tune-all tunes them too.
+  3. timing:  optimizer.step time as a share of the whole step, in this process, same model config, after
+              warm-up; on CPU the contenders are interleaved step by step (machine load drifts hit all alike).
+  4. report:  `<out>/README.md`, `<out>/results.json`, `<out>/loss.png` (val loss vs step and time, mean and
+              +-1 std over seeds), `<out>/paired_diff.png` (each contender minus Muon, mean and 95% CI).
+Measures per run: the final val loss, and the steps to the target val loss (linear interpolation between the two
+validations around the first one at or below the target). Statistics against Muon, seed by seed: the paired
+difference, its 95% t interval and the paired t-test (scipy.stats.ttest_rel, two-sided); Holm's adjustment over
+the contenders. Controls, evaluated before anything else is reported (a failed control withholds the verdicts):
+  - positive control: AdamW against Muon at their tuned lrs, paired test p < alpha_control, Muon lower;
+  - A/A check: Muon on the final seeds against Muon on the A/A seeds (paired in order), p >= alpha_aa;
+  - tuning: every tuned contender's chosen lr is interior to its grid.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +53,7 @@ class Contender:
     args: dict = field(default_factory=dict)  # --optimizer-args
     grid: str = "muon"  # which lr grid of the protocol it is tuned on
     lr_from: str | None = None  # take this contender's tuned lr instead of tuning (None: tuned itself)
+    family: str = "baseline"  # verdict group: baseline, ord, brake, echo
 
 
 @dataclass(frozen=True)
@@ -51,97 +61,142 @@ class Protocol:
     name: str
     description: str
     flags: dict  # train_gpt.py flags shared by every run (Hyperparameters field names)
-    lr_grids: dict  # grid name -> learning rates
-    seeds: tuple = (0, 1, 2)
-    tune_seed: int = 0
-    target: float | None = None  # val loss target; None: the unigram model's loss on the same val tokens
+    lr_grids: dict  # grid name -> learning rates (ascending)
+    tune_seed: int = 0  # lr tuning only; never in a comparison
+    seeds: tuple = (1, 2, 3, 4, 5)  # the paired seeds of every comparison
+    aa_seeds: tuple = (6, 7, 8, 9, 10)  # Muon's second seed set for the A/A check
+    target: float | None = None  # val loss target; None: derived from the tuning runs (see resolve_target)
+    target_frac: float = 0.5  # derived target: the tuned Muon tune-seed run's val loss at this fraction of the run
+    max_grid_extensions: int = 3  # extra points per grid when its best lr is at an edge
+    alpha_control: float = 0.01  # the positive control needs a paired p below this
+    alpha_aa: float = 0.05  # the A/A check fails at a paired p below this
     cpu: bool = True  # launch with --cpu (gloo, CUDA hidden)
     max_parallel: int = 1
     env: dict = field(default_factory=dict)  # extra environment of every run
     diagnostics_every: int = 10  # spectral-ORD diagnostics cadence
     echo_fit_every: int = 10  # SpectralEcho fit cadence
-    contenders: tuple = ("adamw", "muon", "ord_gperp", "ord_par0.5", "ord_par1.0", "ord_matched1.0", "echo")
+    contenders: tuple = ("adamw", "muon", "normuon", "ord_gperp", "ord_par0.5", "ord_par1.0", "ord_matched0.5",
+                         "ord_matched1.0", "brake", "echo", "echo_fixed", "echo_plateau", "echo_reverb")
     timing_steps: int = 10  # measured steps per contender (one diagnostic / fit step among them)
     timing_warmup: int = 2
 
 
-# cpu: the cpu-tiny architecture (4 layers, d=128, vocab 50304) on the demo corpus at a reduced token budget that
-# fits a shared 2-core machine: 80 steps x 512 tokens, 4 micro-batches of one 128-token row per step (SpectralEcho
-# needs >= 4 replicates to fit its curve; every optimizer sees the same split), windows up to 128 tokens.
+# cpu: the cpu-bytes research setup (byte-level demo corpus, 4 layers, d=128: the hidden matrices carry 0.8M of the
+# 0.88M parameters) at 160 steps x 1,024 bytes; 4 micro-batches of 2 random 128-byte rows per step, the same split
+# for every optimizer (SpectralEcho fits its curve from >= 4 replicates). A run takes ~65 s of CPU time (measured
+# under load: 57 s user with 16K val bytes; 32K adds ~12 s; echo modes add their overhead), so the ~100 runs (30
+# tuning, 65 final, 5 A/A) fit 90 min with two 1-thread runs at a time on an idle 2-core machine.
 PROTOCOLS: dict[str, Protocol] = {
     "cpu": Protocol(
         name="cpu",
-        description="cpu-tiny model, demo corpus, 80 steps x 512 tokens (4 x 128-token micro-batches), "
-                    "val on the first 8192 val tokens every 20 steps",
-        flags=dict(preset="cpu-tiny", seq_len=128, micro_batch_tokens=128, batch_tokens=512, max_window_tokens=128,
-                   num_iterations=80, val_loss_every=20, val_tokens=8192, momentum_warmup_steps=16,
-                   report_unigram=False, print_every=20),
-        lr_grids={"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.04]},
+        description="cpu-bytes model (byte-level demo corpus), 160 steps x 1,024 bytes (4 micro-batches of 2 random "
+                    "128-byte rows), val on the first 32,768 val bytes every 20 steps",
+        flags=dict(preset="cpu-bytes", num_iterations=160, micro_batch_tokens=256, batch_tokens=1024,
+                   val_loss_every=20, val_tokens=32768, momentum_warmup_steps=32, report_baselines=False,
+                   print_every=40),
+        lr_grids={"adamw": [0.001, 0.0014, 0.002, 0.0028, 0.004], "muon": [0.014, 0.02, 0.028, 0.04, 0.057]},
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         max_parallel=2,
     ),
     # gpu-1: the medium model on FineWeb on any single GPU: 300 steps x 262,144 tokens (4 x 64K micro-batches).
+    # The record-8 recipe with no weight decay (what `medium` meant when this protocol was written; the record-18
+    # `medium` changes the batch size with the step).
     "gpu-1": Protocol(
         name="gpu-1",
         description="medium model, FineWeb, 300 steps x 262,144 tokens (4 x 64K micro-batches) on one GPU, "
                     "val on 1,048,576 tokens every 50 steps",
-        flags=dict(preset="medium", batch_tokens=262144, num_iterations=300, val_loss_every=50,
+        flags=dict(preset="medium-r8", weight_decay=0.0, batch_tokens=262144, num_iterations=300, val_loss_every=50,
                    val_tokens=1048576, momentum_warmup_steps=15, print_every=25),
-        lr_grids={"adamw": [3e-4, 1e-3, 3e-3], "muon": [0.015, 0.025, 0.04]},
+        lr_grids={"adamw": [3e-4, 6e-4, 1e-3, 2e-3, 3e-3], "muon": [0.01, 0.015, 0.025, 0.04, 0.06]},
         target=4.0, cpu=False, diagnostics_every=25, echo_fit_every=25, timing_steps=25,
     ),
     # toy: seconds per run, for the test that keeps this script working (not a measurement).
     "toy": Protocol(
         name="toy",
         description="2-layer d=32 model, 4 steps x 256 tokens: a smoke test of the machinery, not a measurement",
-        flags=dict(preset="cpu-tiny", num_iterations=4, val_loss_every=2, report_unigram=False, num_layers=2,
+        flags=dict(preset="cpu-tiny", num_iterations=4, val_loss_every=2, report_baselines=False, num_layers=2,
                    model_dim=32, num_heads=2, head_dim=16, seq_len=64, micro_batch_tokens=64, batch_tokens=256,
                    val_seq_len=128, val_tokens=512, skip_connections="0:1", long_window_layers="0",
                    num_value_embeds=1, max_window_tokens=64, window_block=16, momentum_warmup_steps=2),
-        lr_grids={"adamw": [3e-3], "muon": [0.02, 0.04]},
-        seeds=(0, 1), target=10.5, env={"OMP_NUM_THREADS": "1"}, max_parallel=3, diagnostics_every=2,
-        echo_fit_every=2, contenders=("muon", "ord_par1.0"), timing_steps=2, timing_warmup=1,
+        lr_grids={"adamw": [3e-3, 6e-3], "muon": [0.02, 0.04]},
+        seeds=(1, 2), aa_seeds=(3, 4), max_grid_extensions=1, env={"OMP_NUM_THREADS": "1"}, max_parallel=3,
+        diagnostics_every=2, echo_fit_every=2, contenders=("adamw", "muon", "ord_par1.0"), timing_steps=2,
+        timing_warmup=1,
     ),
 }
+
+# The fit mode's fixed curve: soft sign without floor, c / ||X||_F^2 = 0.01 (~ the mean s_i^2 / ||X||_F^2 of a
+# 128-wide matrix; also plateau's default shape). plateau's rho and reverb_svd's zeta have no fixed form: they are
+# estimates by construction, under fixed shape constants (plateau: c_rel 1e-2).
+ECHO_FIXED_C_REL = 0.01
 
 
 def make_contenders(protocol: Protocol) -> dict[str, Contender]:
     """All contenders the protocols may name, with that protocol's diagnostic / fit cadence."""
     diag = {"decompose": True, "diagnostics_every": protocol.diagnostics_every}
+    fit = {"fit_every": protocol.echo_fit_every}
     every = [
         Contender("adamw", "AdamW (hidden matrices)", "adamw", grid="adamw"),
         Contender("muon", "Muon, Polar(G)", "muon"),
+        Contender("normuon", "NorMuon", "normuon"),
         Contender("ord_gperp", "ORD Polar(G_perp)", "spectral_ord", {"spectral_lr_mul": 0.0, **diag},
-                  lr_from="muon"),
+                  lr_from="muon", family="ord"),
         Contender("ord_par0.5", "ORD Polar(G_perp) + 0.5 G_par (raw)", "spectral_ord",
-                  {"spectral_lr_mul": 0.5, **diag}, lr_from="muon"),
+                  {"spectral_lr_mul": 0.5, **diag}, lr_from="muon", family="ord"),
         Contender("ord_par1.0", "ORD Polar(G_perp) + 1.0 G_par (raw)", "spectral_ord",
-                  {"spectral_lr_mul": 1.0, **diag}, lr_from="muon"),
+                  {"spectral_lr_mul": 1.0, **diag}, lr_from="muon", family="ord"),
+        Contender("ord_matched0.5", "ORD Polar(G_perp) + 0.5 G_par (matched)", "spectral_ord",
+                  {"spectral_lr_mul": 0.5, **diag, "scale_mode": "matched"}, lr_from="muon", family="ord"),
         Contender("ord_matched1.0", "ORD Polar(G_perp) + 1.0 G_par (matched)", "spectral_ord",
-                  {"spectral_lr_mul": 1.0, **diag, "scale_mode": "matched"}, lr_from="muon"),
-        Contender("echo", f"SpectralEcho (fit every {protocol.echo_fit_every})", "spectral_echo",
-                  {"fit_every": protocol.echo_fit_every}),
+                  {"spectral_lr_mul": 1.0, **diag, "scale_mode": "matched"}, lr_from="muon", family="ord"),
+        Contender("brake", "Muon + radial brake (outward 0.5)", "spectral_ord", {"brake_outward": 0.5},
+                  lr_from="muon", family="brake"),
+        Contender("echo", f"SpectralEcho fit: soft sign with floor, fitted every {protocol.echo_fit_every}",
+                  "spectral_echo", {"mode": "fit", **fit}, family="echo"),
+        Contender("echo_fixed", f"SpectralEcho fit: fixed soft sign, c_rel {ECHO_FIXED_C_REL:g}", "spectral_echo",
+                  {"mode": "fit", "c_rel": ECHO_FIXED_C_REL}, lr_from="echo", family="echo"),
+        Contender("echo_plateau", f"SpectralEcho plateau: rho every {protocol.echo_fit_every} x fixed soft sign",
+                  "spectral_echo", {"mode": "plateau", **fit}, family="echo"),
+        Contender("echo_reverb", f"SpectralEcho reverb_svd: reverb zeta every {protocol.echo_fit_every}",
+                  "spectral_echo", {"mode": "reverb_svd", **fit}, family="echo"),
     ]
     return {c.name: c for c in every}
 
 
-def select_contenders(protocol: Protocol, names: list[str] | None, tune_all: bool) -> list[Contender]:
-    """The protocol's contenders (or the named subset), in protocol order; lr_from dropped with tune_all.
-    A contender whose lr_from is not in the race is tuned itself."""
+def registered_optimizers() -> set[str]:
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from optimizers import OPTIMIZERS
+
+    return set(OPTIMIZERS)
+
+
+def select_contenders(protocol: Protocol, names: list[str] | None, tune_all: bool
+                      ) -> tuple[list[Contender], dict[str, str]]:
+    """(the contenders in protocol order, {left-out name: why}). Named contenders must exist; protocol contenders
+    whose optimizer is not registered yet are left out with a reason. lr_from is dropped with tune_all or when
+    its source is not racing (the contender is then tuned itself)."""
     known = make_contenders(protocol)
     chosen = list(names) if names else list(protocol.contenders)
     unknown = [n for n in chosen if n not in known]
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; choose from {sorted(known)}")
+    registered = registered_optimizers()
+    left_out = {n: f"optimizer {known[n].optimizer!r} is not registered in optimizers.OPTIMIZERS"
+                for n in chosen if known[n].optimizer not in registered}
+    if names and left_out:
+        raise ValueError(f"contenders {sorted(left_out)} need optimizers that are not registered: "
+                         f"{sorted({known[n].optimizer for n in left_out})}")
+    racing = [n for n in chosen if n not in left_out]
     out = []
-    for name in chosen:
+    for name in racing:
         c = known[name]
-        if tune_all or (c.lr_from is not None and c.lr_from not in chosen):
-            c = Contender(c.name, c.label, c.optimizer, c.args, c.grid, None)
+        if tune_all or (c.lr_from is not None and c.lr_from not in racing):
+            c = replace(c, lr_from=None)
         if c.grid not in protocol.lr_grids:
             raise ValueError(f"protocol {protocol.name!r} has no lr grid {c.grid!r} (needed by {c.name})")
         out.append(c)
-    return out
+    return out, left_out
 
 
 def lr_text(lr: float) -> str:
@@ -166,8 +221,12 @@ def sweep_spec(protocol: Protocol, name: str, configs: list[dict], seeds: list[i
             "base": dict(flags), "configs": configs, "seeds": list(seeds)}
 
 
-def tune_spec(protocol: Protocol, contenders: list[Contender], flags: dict, log_dir: str) -> dict:
-    configs = [config_entry(c, lr) for c in contenders if c.lr_from is None for lr in protocol.lr_grids[c.grid]]
+def tuned(contenders: list[Contender]) -> list[Contender]:
+    return [c for c in contenders if c.lr_from is None]
+
+
+def tune_spec(protocol: Protocol, contenders: list[Contender], grids: dict, flags: dict, log_dir: str) -> dict:
+    configs = [config_entry(c, lr) for c in tuned(contenders) for lr in grids[c.name]]
     return sweep_spec(protocol, f"race_{protocol.name}_tune", configs, [protocol.tune_seed], flags, log_dir)
 
 
@@ -177,54 +236,121 @@ def final_spec(protocol: Protocol, contenders: list[Contender], chosen_lr: dict[
     return sweep_spec(protocol, f"race_{protocol.name}_final", configs, list(protocol.seeds), flags, log_dir)
 
 
-# ----------------------------------------------------------------------------------------------- results
+def aa_spec(protocol: Protocol, contenders: list[Contender], chosen_lr: dict[str, float], flags: dict,
+            log_dir: str) -> dict:
+    muon = next(c for c in contenders if c.name == "muon")
+    return sweep_spec(protocol, f"race_{protocol.name}_aa", [config_entry(muon, chosen_lr["muon"])],
+                      list(protocol.aa_seeds), flags, log_dir)
+
+
+# ----------------------------------------------------------------------------------------------- tuning
 
 
 def final_loss(log_dir: str, tag: str) -> float | None:
-    """Final val loss of a finished run's log; None when the log is missing or the run did not finish."""
+    """Final val loss of a run; inf when it stopped with an error (e.g. a non-finite loss: that lr loses);
+    None when its log is missing or the run has not finished."""
     import runlog
 
     path = runlog.log_path(log_dir, tag)
     if not os.path.exists(path):
         return None
     log = runlog.parse_log(path)
-    return log.final_val.loss if log.finished else None
+    if log.finished:
+        return log.final_val.loss if math.isfinite(log.final_val.loss) else math.inf
+    return math.inf if log.crashed else None
 
 
-def tuning_curves(protocol: Protocol, contenders: list[Contender], log_dir: str) -> dict:
-    """{tag: [[step, val loss, train ms], ...]} of every tuning run that has a log."""
-    import runlog
-
-    curves = {}
-    for c in contenders:
-        if c.lr_from is not None:
-            continue
-        for lr in protocol.lr_grids[c.grid]:
-            path = runlog.log_path(log_dir, run_tag(c.name, lr, protocol.tune_seed))
-            if os.path.exists(path):
-                curves[os.path.basename(path)[:-4]] = [list(p) for p in runlog.parse_log(path).val]
-    return curves
+def extend_grid(grid: list[float], losses: list[float | None]) -> list[float] | None:
+    """The grid with one more point beyond the edge holding the lowest loss (same ratio as the edge's neighbour,
+    2 significant digits), or None when the lowest loss is interior. Losses must all be known (inf: diverged)."""
+    best = min(range(len(grid)), key=lambda i: losses[i])
+    if len(grid) < 2 or 0 < best < len(grid) - 1:
+        return None
+    if best == 0:
+        return [float(f"{grid[0] ** 2 / grid[1]:.2g}")] + list(grid)
+    return list(grid) + [float(f"{grid[-1] ** 2 / grid[-2]:.2g}")]
 
 
-def choose_lrs(protocol: Protocol, contenders: list[Contender], log_dir: str) -> tuple[dict, dict]:
-    """(chosen lr per contender, tuning table {contender: {lr text: final loss or None}}).
+def tuning_table(protocol: Protocol, contenders: list[Contender], grids: dict, log_dir: str) -> dict:
+    """{contender: {lr: final loss of the tune-seed run or None}} for every tuned contender."""
+    return {c.name: {lr: final_loss(log_dir, run_tag(c.name, lr, protocol.tune_seed)) for lr in grids[c.name]}
+            for c in tuned(contenders)}
 
-    A tuned contender takes the lr with the lowest finite final val loss of its tune-seed runs (crashed,
-    unfinished or non-finite runs lose); lr_from contenders copy the chosen lr of their source."""
-    table, chosen = {}, {}
-    for c in contenders:
-        if c.lr_from is not None:
-            continue
-        losses = {lr: final_loss(log_dir, run_tag(c.name, lr, protocol.tune_seed)) for lr in protocol.lr_grids[c.grid]}
-        table[c.name] = {lr_text(lr): loss for lr, loss in losses.items()}
-        finite = {lr: loss for lr, loss in losses.items() if loss is not None and math.isfinite(loss)}
+
+def choose_lrs(protocol: Protocol, contenders: list[Contender], grids: dict, log_dir: str
+               ) -> tuple[dict, dict, dict]:
+    """(chosen lr per contender, tuning table {contender: {lr text: loss}}, {contender: "interior" | "low edge" |
+    "high edge"}). A tuned contender takes the lr with the lowest final val loss of its tune-seed runs; lr_from
+    contenders copy the chosen lr of their source."""
+    table, chosen, position = {}, {}, {}
+    for name, losses in tuning_table(protocol, contenders, grids, log_dir).items():
+        missing = [lr for lr, loss in losses.items() if loss is None]
+        if missing:
+            raise RuntimeError(f"tuning runs of {name} at lr {missing} have not finished (logs in {log_dir}); "
+                               "run the tune stage first")
+        finite = {lr: loss for lr, loss in losses.items() if math.isfinite(loss)}
         if not finite:
-            raise RuntimeError(f"no tuning run of {c.name} finished (logs in {log_dir}); run the tune stage first")
-        chosen[c.name] = min(finite, key=finite.get)
+            raise RuntimeError(f"every tuning run of {name} diverged (lrs {list(losses)}); lower its grid")
+        chosen[name] = min(finite, key=finite.get)
+        table[name] = {lr_text(lr): loss for lr, loss in losses.items()}
+        grid = grids[name]
+        position[name] = ("low edge" if chosen[name] == grid[0] else
+                          "high edge" if chosen[name] == grid[-1] else "interior")
     for c in contenders:
         if c.lr_from is not None:
             chosen[c.name] = chosen[c.lr_from]
-    return chosen, table
+    return chosen, table, position
+
+
+def run_tuning(protocol: Protocol, contenders: list[Contender], flags: dict, log_dir: str, out_dir: str,
+               launch, dry_run: bool) -> dict:
+    """The tune stage: launch the grids, extend those whose best lr is at an edge, repeat; returns the grids.
+    The grids are kept in <out_dir>/grids.json after every round, so an interrupted race resumes them."""
+    grids = current_grids(protocol, contenders, out_dir)
+    first = {c.name: len(protocol.lr_grids[c.grid]) for c in tuned(contenders)}
+    for _ in range(protocol.max_grid_extensions + 1):
+        save_grids(out_dir, grids)
+        launch(tune_spec(protocol, contenders, grids, flags, log_dir), "tune.json")
+        if dry_run:
+            break
+        table = tuning_table(protocol, contenders, grids, log_dir)
+        extended = {}
+        for name, losses in table.items():
+            values = list(losses.values())
+            if None in values or not any(math.isfinite(v) for v in values):
+                continue  # unfinished runs (choose_lrs reports them) or all diverged: nothing to extend from
+            if len(grids[name]) - first[name] >= protocol.max_grid_extensions:
+                continue  # extended as far as the protocol allows: the tuning control reports the edge
+            if (wider := extend_grid(grids[name], values)) is not None:
+                extended[name] = wider
+        if not extended:
+            break
+        for name, wider in extended.items():
+            print(f"tune: {name}'s best lr is at a grid edge; extending its grid to {[lr_text(x) for x in wider]}",
+                  flush=True)
+        grids.update(extended)
+    save_grids(out_dir, grids)
+    return grids
+
+
+def current_grids(protocol: Protocol, contenders: list[Contender], out_dir: str) -> dict[str, list[float]]:
+    """The tuned contenders' grids: as kept in <out_dir>/grids.json by an earlier call (extended grids
+    included), the protocol's for a contender that has none there yet."""
+    path = os.path.join(out_dir, "grids.json")
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = {name: [float(x) for x in grid] for name, grid in json.load(f).items()}
+    return {c.name: saved.get(c.name, list(protocol.lr_grids[c.grid])) for c in tuned(contenders)}
+
+
+def save_grids(out_dir: str, grids: dict) -> None:
+    with open(os.path.join(out_dir, "grids.json"), "w") as f:
+        json.dump(grids, f, indent=1)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -236,82 +362,194 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def welch_vs(values: list[float], reference: list[float]) -> tuple[float, float]:
-    """Welch's two-sided t-test of values against reference: (t, p); nan when it is undefined."""
-    if len(values) < 2 or len(reference) < 2:
-        return math.nan, math.nan
+def paired_stats(values: list[float | None], reference: list[float | None], confidence: float = 0.95) -> dict:
+    """Paired comparison of values[i] with reference[i] over the pairs where both are known: n, the mean
+    difference (values - reference), its two-sided t interval at `confidence`, and the paired t-test
+    (scipy.stats.ttest_rel, two-sided): t, p. nan where undefined (fewer than 2 pairs, or zero spread)."""
     from scipy import stats
 
-    result = stats.ttest_ind(values, reference, equal_var=False)
-    return float(result.statistic), float(result.pvalue)
+    pairs = [(v, r) for v, r in zip(values, reference) if v is not None and r is not None
+             and math.isfinite(v) and math.isfinite(r)]
+    out = {"n": len(pairs), "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "t": math.nan,
+           "p": math.nan}
+    if not pairs:
+        return out
+    diffs = [v - r for v, r in pairs]
+    out["mean_diff"] = sum(diffs) / len(diffs)
+    if len(pairs) < 2:
+        return out
+    sd = statistics.stdev(diffs)
+    half = stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    out["ci_low"], out["ci_high"] = out["mean_diff"] - half, out["mean_diff"] + half
+    if sd > 0:
+        result = stats.ttest_rel([v for v, _ in pairs], [r for _, r in pairs])
+        out["t"], out["p"] = float(result.statistic), float(result.pvalue)
+    return out
 
 
-def to_target(val_points, target: float) -> tuple[int | None, float | None]:
-    """(step, training seconds) of the first validation at or below target; (None, None) if never reached."""
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values (nan entries are left out and stay nan)."""
+    known = sorted((p, name) for name, p in pvalues.items() if math.isfinite(p))
+    adjusted, running = {name: math.nan for name in pvalues}, 0.0
+    for i, (p, name) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - i) * p))
+        adjusted[name] = running
+    return adjusted
+
+
+def steps_to_target(val_points, target: float) -> float | None:
+    """Steps until the val loss first reaches the target, linearly interpolated between the validation before
+    and the first at or below it; None if never reached."""
+    previous = None
     for point in val_points:
         if math.isfinite(point.loss) and point.loss <= target:
-            return point.step, point.train_time_ms / 1000
-    return None, None
+            if previous is None or previous.loss == point.loss:
+                return float(point.step)
+            fraction = (previous.loss - target) / (previous.loss - point.loss)
+            return previous.step + fraction * (point.step - previous.step)
+        previous = point if math.isfinite(point.loss) else None
+    return None
 
 
-def resolve_target(protocol: Protocol, flags: dict) -> tuple[float, str]:
-    """The protocol's target and where it comes from (a fixed value or the unigram model of the same data)."""
+def resolve_target(protocol: Protocol, chosen: dict, flags: dict, log_dir: str) -> tuple[float, str]:
+    """The protocol's fixed target, or the val loss of the tuned Muon's tune-seed run at the first validation at or
+    after target_frac of the run (fixed before any final run exists, from a seed that no comparison uses)."""
+    import runlog
+
     if protocol.target is not None:
         return protocol.target, "fixed by the protocol"
-    from data.shards import unigram_cross_entropy
+    tag = run_tag("muon", chosen["muon"], protocol.tune_seed)
+    points = runlog.parse_log(runlog.log_path(log_dir, tag)).val
+    step = protocol.target_frac * flags["num_iterations"]
+    point = next(p for p in points if p.step >= step)
+    return round(point.loss, 4), (f"the val loss of the tuned Muon's tuning run ({tag}) at step {point.step} "
+                                  f"({protocol.target_frac:g} of the run)")
 
-    import train_gpt
 
-    cfg = train_gpt.parse_config(flag_argv(flags))
-    cwd = os.getcwd()
-    os.chdir(REPO)  # data paths of the presets are relative to the repository
-    try:
-        value = unigram_cross_entropy(cfg.train_files, cfg.val_files, vocab_size=50257, val_tokens=cfg.val_tokens)
-    finally:
-        os.chdir(cwd)
-    return round(value, 4), (f"the unigram model of the train tokens (add-one smoothing) scored on the same "
-                             f"{cfg.val_tokens} val tokens")
+# ----------------------------------------------------------------------------------------------- results
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _p_text(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "-"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _interval(stats: dict | None, digits: int = 4) -> str:
+    if not stats or not math.isfinite(stats["mean_diff"]):
+        return "-"
+    if not math.isfinite(stats["ci_low"]):
+        return f"{stats['mean_diff']:+.{digits}f}"
+    return f"{stats['mean_diff']:+.{digits}f} [{stats['ci_low']:+.{digits}f}, {stats['ci_high']:+.{digits}f}]"
+
+
+def run_record(log_dir: str, tag: str, seed: int, target: float) -> dict:
+    """One run's numbers from its log: final val loss, steps to target, train seconds, the val curve."""
+    import runlog
+
+    path = runlog.log_path(log_dir, tag)
+    log = runlog.parse_log(path) if os.path.exists(path) else None
+    if log is None or not log.finished:
+        crashed = bool(log and log.crashed)
+        return {"tag": tag, "seed": seed, "finished": False, "diverged": crashed,
+                "final_val_loss": math.inf if crashed else None, "steps_to_target": None}
+    return {"tag": tag, "seed": seed, "finished": True, "diverged": False, "final_val_loss": log.final_val.loss,
+            "steps_to_target": steps_to_target(log.val, target), "train_time_s": log.final_val.train_time_ms / 1000,
+            "val": [[p.step, p.loss, p.train_time_ms] for p in log.val]}
 
 
 def collect_results(protocol: Protocol, contenders: list[Contender], chosen_lr: dict, log_dir: str,
                     target: float) -> dict:
-    """Per contender: its runs (final loss, steps / seconds to target, val curve) and the statistics."""
-    import runlog
-
+    """Per contender: its runs on the paired seeds, the lists the record keeps (final_val_loss and steps_to_target
+    in seed order; None for a run that has not finished, inf for a diverged one) and the paired statistics
+    against Muon (final loss and steps to target; Holm-adjusted p over the contenders)."""
     results = {}
     for c in contenders:
-        runs = []
-        for seed in protocol.seeds:
-            tag = run_tag(c.name, chosen_lr[c.name], seed)
-            path = runlog.log_path(log_dir, tag)
-            log = runlog.parse_log(path) if os.path.exists(path) else None
-            if log is None or not log.finished:
-                runs.append({"tag": tag, "seed": seed, "finished": False})
-                continue
-            step, seconds = to_target(log.val, target)
-            runs.append({"tag": tag, "seed": seed, "finished": True, "final_val_loss": log.final_val.loss,
-                         "train_time_s": log.final_val.train_time_ms / 1000, "steps_to_target": step,
-                         "train_s_to_target": seconds,
-                         "val": [[p.step, p.loss, p.train_time_ms] for p in log.val]})
-        losses = [r["final_val_loss"] for r in runs if r["finished"]]
-        mean, std = mean_std(losses)
-        reached = [r for r in runs if r.get("steps_to_target") is not None]
+        runs = [run_record(log_dir, run_tag(c.name, chosen_lr[c.name], s), s, target) for s in protocol.seeds]
+        finals = [r["final_val_loss"] for r in runs]
+        mean, std = mean_std([x for x in finals if x is not None and math.isfinite(x)])
         results[c.name] = {
-            "label": c.label, "optimizer": c.optimizer, "optimizer_args": dict(c.args),
+            "label": c.label, "family": c.family, "optimizer": c.optimizer, "optimizer_args": dict(c.args),
             "lr": chosen_lr[c.name], "lr_source": f"tuned on {c.lr_from}" if c.lr_from else "tuned",
-            "runs": runs, "n": len(losses), "final_val_mean": mean, "final_val_std": std,
-            "reached_target": len(reached),
-            "steps_to_target_mean": mean_std([r["steps_to_target"] for r in reached])[0],
-            "train_s_to_target_mean": mean_std([r["train_s_to_target"] for r in reached])[0],
-            "train_s_mean": mean_std([r["train_time_s"] for r in runs if r["finished"]])[0],
+            "seeds": list(protocol.seeds), "final_val_loss": finals,
+            "steps_to_target": [r["steps_to_target"] for r in runs],
+            "final_val_mean": mean, "final_val_std": std, "runs": runs,
+            "n_finished": sum(r["finished"] for r in runs),
+            "reached_target": sum(r["steps_to_target"] is not None for r in runs),
         }
-    reference = [r["final_val_loss"] for r in results.get("muon", {}).get("runs", []) if r["finished"]]
+    muon = results.get("muon")
     for name, res in results.items():
-        losses = [r["final_val_loss"] for r in res["runs"] if r["finished"]]
-        t, p = welch_vs(losses, reference) if name != "muon" else (math.nan, math.nan)
-        res["vs_muon"] = {"diff": res["final_val_mean"] - mean_std(reference)[0] if reference else math.nan,
-                          "welch_t": t, "p_value": p}
+        if muon is None or name == "muon":
+            res["vs_muon"], res["steps_vs_muon"], res["p_vs_muon"] = None, None, None
+            continue
+        res["vs_muon"] = paired_stats(res["final_val_loss"], muon["final_val_loss"])
+        res["steps_vs_muon"] = paired_stats(res["steps_to_target"], muon["steps_to_target"])
+        res["p_vs_muon"] = res["vs_muon"]["p"]
+    adjusted = holm({n: r["p_vs_muon"] for n, r in results.items() if r["p_vs_muon"] is not None})
+    for name, p in adjusted.items():
+        results[name]["p_vs_muon_holm"] = p
     return results
+
+
+def evaluate_controls(protocol: Protocol, results: dict, aa_runs: list[dict], positions: dict) -> dict:
+    """The three controls (module docstring); each {"passed": bool, "why": text, ...numbers}."""
+    controls = {}
+    if "adamw" in results and "muon" in results:
+        stats = results["adamw"]["vs_muon"]
+        passed = (stats["n"] == len(protocol.seeds) and math.isfinite(stats["p"])
+                  and stats["p"] < protocol.alpha_control and stats["mean_diff"] > 0)
+        controls["positive"] = {
+            **stats, "passed": passed,
+            "why": (f"AdamW minus Muon final val loss {_interval(stats)}, paired p {_p_text(stats['p'])} over "
+                    f"{stats['n']} pairs (needs all pairs, p < {protocol.alpha_control:g} and Muon lower)")}
+    else:
+        controls["positive"] = {"passed": False, "why": "AdamW and Muon must both race"}
+    if "muon" in results:
+        aa_finals = [r["final_val_loss"] for r in aa_runs]
+        stats = paired_stats(results["muon"]["final_val_loss"], aa_finals)
+        complete = stats["n"] == len(protocol.seeds) == len(aa_runs)
+        passed = complete and math.isfinite(stats["p"]) and stats["p"] >= protocol.alpha_aa
+        controls["aa"] = {
+            **stats, "passed": passed, "aa_seeds": list(protocol.aa_seeds), "aa_final_val_loss": aa_finals,
+            "why": (f"Muon seeds {list(protocol.seeds)} minus Muon seeds {list(protocol.aa_seeds)}: "
+                    f"{_interval(stats)}, paired p {_p_text(stats['p'])} over {stats['n']} pairs (needs all pairs "
+                    f"and p >= {protocol.alpha_aa:g})")}
+    else:
+        controls["aa"] = {"passed": False, "why": "Muon must race"}
+    edges = {name: where for name, where in positions.items() if where != "interior"}
+    controls["tuning"] = {"passed": not edges, "positions": positions,
+                          "why": ("every tuned contender's best lr is interior to its grid" if not edges else
+                                  f"best lr at a grid edge after {protocol.max_grid_extensions} extensions: {edges}")}
+    controls["passed"] = all(controls[k]["passed"] for k in ("positive", "aa", "tuning"))
+    return controls
+
+
+def verdict_text(res: dict) -> str:
+    """One contender against Muon, from the 95% interval of the paired final-loss difference."""
+    stats = res["vs_muon"]
+    if stats is None or stats["n"] < 2 or not math.isfinite(stats["ci_low"]):
+        return "not enough finished pairs"
+    interval = _interval(stats)
+    if stats["ci_high"] < 0:
+        return f"better than Muon: {interval}"
+    if stats["ci_low"] > 0:
+        return f"worse than Muon: {interval}"
+    return f"no difference detected: {interval}"
+
+
+def family_verdicts(results: dict) -> dict:
+    """{family: {contender: verdict}} for the families under study (spectral-ORD, radial brake, echo)."""
+    out: dict[str, dict] = {}
+    for name, res in results.items():
+        if res["family"] in ("ord", "brake", "echo"):
+            out.setdefault(res["family"], {})[name] = verdict_text(res)
+    return out
 
 
 DIAGNOSTIC_KEYS = ("rho", "spectral_frac", "term_ratio", "cos_polar_w", "w_norm")
@@ -499,7 +737,6 @@ def _timing_state(c: Contender, lr: float, flags: dict) -> dict:
     import torch
 
     import train_gpt
-    from data.shards import DistributedTokenLoader
 
     cfg = train_gpt.parse_config(flag_argv({**flags, "optimizer": c.optimizer, "lr": lr, "optimizer_args": c.args}))
     accum = train_gpt.validate_config(cfg, world_size=1)
@@ -508,9 +745,7 @@ def _timing_state(c: Contender, lr: float, flags: dict) -> dict:
     torch.manual_seed(cfg.seed)
     model = train_gpt.GPT(cfg).to(device)
     opts = train_gpt.build_optimizers(model, cfg)
-    rows = cfg.micro_batch_tokens // cfg.seq_len
-    loader = DistributedTokenLoader(cfg.train_files, rows, cfg.seq_len, align_to_bos=cfg.align_to_bos,
-                                    bos_id=cfg.bos_id, device=device)
+    loader = train_gpt.make_train_loader(cfg, rank=0, world_size=1, device=device)
     step_model = torch.compile(model, dynamic=False) if cfg.compile else model
     return dict(cfg=cfg, accum=accum, device=device, model=model, step_model=step_model, opts=opts, loader=loader)
 
@@ -557,43 +792,35 @@ def _timed_step(s: dict, step: int) -> dict:
     return {"forward_backward": t1 - t0, "adam": t2 - t1, "matrix": t3 - t2, "total": t3 - t0}
 
 
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _p_text(p: float) -> str:
-    if p is None or not math.isfinite(p):
-        return "-"
-    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
-
-
 def results_table(results: dict, timing: dict | None, target: float) -> str:
-    header = ("| contender | lr | final val loss (mean ± std) | n | diff vs Muon | Welch p vs Muon | "
-              f"reached {target:g} | steps to target | train s to target | matrix opt. step share |")
-    lines = [header, "|" + "---|" * 10]
+    header = ("| contender | lr | final val loss (mean ± std) | n | minus Muon [95% CI] | paired p | Holm p | "
+              f"reached {target:g} | steps to target (mean) | minus Muon [95% CI] | paired p | "
+              "matrix opt. step share |")
+    lines = [header, "|" + "---|" * 12]
     for name, r in results.items():
         share = timing.get(name, {}).get("matrix_share") if timing else None
+        steps = [s for s in r["steps_to_target"] if s is not None]
+        steps_stats = r["steps_vs_muon"]
         lines.append(
             f"| {r['label']} (`{name}`) | {lr_text(r['lr'])}{'' if r['lr_source'] == 'tuned' else ' *'} | "
-            f"{_fmt(r['final_val_mean'])} ± {_fmt(r['final_val_std'])} | {r['n']} | "
-            f"{'-' if name == 'muon' else _fmt(r['vs_muon']['diff'], 4)} | "
-            f"{'-' if name == 'muon' else _p_text(r['vs_muon']['p_value'])} | "
-            f"{r['reached_target']}/{len(r['runs'])} | {_fmt(r['steps_to_target_mean'], 1)} | "
-            f"{_fmt(r['train_s_to_target_mean'], 1)} | {'-' if share is None else f'{100 * share:.1f}%'} |")
+            f"{_fmt(r['final_val_mean'])} ± {_fmt(r['final_val_std'])} | {r['n_finished']} | "
+            f"{_interval(r['vs_muon'])} | {_p_text(r['p_vs_muon'])} | {_p_text(r.get('p_vs_muon_holm'))} | "
+            f"{r['reached_target']}/{len(r['runs'])} | {_fmt(mean_std(steps)[0], 1)} | "
+            f"{_interval(steps_stats, 1) if steps_stats else '-'} | {_p_text(steps_stats['p']) if steps_stats else '-'}"
+            f" | {'-' if share is None else f'{100 * share:.1f}%'} |")
     return "\n".join(lines)
 
 
-def tuning_table(table: dict, chosen: dict) -> str:
+def tuning_markdown(table: dict, chosen: dict, positions: dict) -> str:
     lines = ["| contender | lr: final val loss (tune seed) | chosen |", "|---|---|---|"]
     for name, losses in table.items():
-        cells = ", ".join(f"{lr}: {_fmt(loss)}" for lr, loss in losses.items())
-        edge = list(losses)
-        note = " (grid edge)" if lr_text(chosen[name]) in (edge[0], edge[-1]) and len(edge) > 1 else ""
+        cells = ", ".join(f"{lr}: {_fmt(loss) if loss != math.inf else 'diverged'}" for lr, loss in losses.items())
+        note = "" if positions[name] == "interior" else f" ({positions[name]})"
         lines.append(f"| `{name}` | {cells} | {lr_text(chosen[name])}{note} |")
     return "\n".join(lines)
 
@@ -607,44 +834,96 @@ def timing_table(timing: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, target_source: str,
-                 results: dict, tuning: dict, chosen: dict, timing: dict | None, commands: list[str],
-                 log_dir: str, diagnostics: dict | None = None, curves: dict | None = None) -> dict:
-    """results.json, README.md and loss.png in out_dir (plus ord_diagnostics.png with diagnostics).
-    A hand-written `notes.md` in out_dir, if present, is included in README.md (it survives regeneration).
-    Returns the JSON document."""
+def controls_markdown(controls: dict) -> str:
+    lines = ["| control | passed | measured |", "|---|---|---|"]
+    for key, title in (("positive", "positive: AdamW vs Muon"), ("aa", "A/A: Muon vs Muon, other seeds"),
+                       ("tuning", "tuning: interior optimum")):
+        lines.append(f"| {title} | {'yes' if controls[key]['passed'] else '**no**'} | {controls[key]['why']} |")
+    return "\n".join(lines)
+
+
+def plot_paired_differences(results: dict, out: str) -> str:
+    """Each contender's final val loss minus Muon's (mean and 95% CI over the paired seeds), one row each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, r["vs_muon"]) for name, r in results.items()
+            if r["vs_muon"] and math.isfinite(r["vs_muon"]["mean_diff"])]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.5), constrained_layout=True)
+    for i, (name, stats) in enumerate(rows):
+        low = stats["ci_low"] if math.isfinite(stats["ci_low"]) else stats["mean_diff"]
+        high = stats["ci_high"] if math.isfinite(stats["ci_high"]) else stats["mean_diff"]
+        color = "C2" if high < 0 else "C3" if low > 0 else "C7"
+        ax.errorbar(stats["mean_diff"], i, xerr=[[stats["mean_diff"] - low], [high - stats["mean_diff"]]], fmt="o",
+                    color=color, capsize=3)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("final val loss minus Muon's, same seeds (mean, 95% CI)")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, target_source: str, results: dict,
+                 controls: dict, tuning: dict, grids: dict, chosen: dict, positions: dict, timing: dict | None,
+                 commands: list[str], log_dir: str, left_out: dict, diagnostics: dict | None = None,
+                 curves: dict | None = None) -> dict:
+    """results.json, README.md, loss.png and paired_diff.png in out_dir (plus ord_diagnostics.png with
+    diagnostics). A hand-written `notes.md` in out_dir, if present, is included in README.md (it survives
+    regeneration). With a failed control README.md shows the controls and withholds the comparisons and verdicts
+    (results.json keeps every number). Returns the JSON document."""
     import plot_loss
     import runlog
 
+    verdicts = family_verdicts(results) if controls["passed"] else {}
     doc = {
         "protocol": {**asdict(protocol), "flags": flags}, "target": target, "target_source": target_source,
-        "chosen_lr": chosen, "tuning": tuning, "results": results, "timing": timing,
-        "diagnostics": diagnostics or {}, "tuning_curves": curves or {}, "commands": commands, "log_dir": log_dir,
+        "controls": controls, "verdicts": verdicts, "chosen_lr": chosen, "grids": grids, "tuning": tuning,
+        "contenders": results, "left_out": left_out, "timing": timing, "diagnostics": diagnostics or {},
+        "tuning_curves": curves or {}, "commands": commands, "log_dir": log_dir,
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(doc, f, indent=1, default=lambda x: None)
+        json.dump(json_safe(doc), f, indent=1, allow_nan=False)
         f.write("\n")
     logs = [runlog.parse_log(runlog.log_path(log_dir, r["tag"]))
             for res in results.values() for r in res["runs"] if r["finished"]]
-    plot_path = os.path.join(out_dir, "loss.png")
     if logs:
-        plot_loss.plot_runs(logs, plot_path, target=target, band="std",
+        plot_loss.plot_runs(logs, os.path.join(out_dir, "loss.png"), target=target, band="std",
                             title=f"optimizer race, protocol {protocol.name}: mean ± 1 std over seeds")
     text = [f"# Optimizer race, protocol `{protocol.name}`", "",
-            f"{protocol.description}. Seeds {list(protocol.seeds)}; lr tuned on seed {protocol.tune_seed}.",
+            f"{protocol.description}. Paired seeds {list(protocol.seeds)} (a seed fixes the initial weights and the "
+            f"training rows); lr tuned on seed {protocol.tune_seed} only; A/A seeds {list(protocol.aa_seeds)}.",
             f"Target val loss {target:g}: {target_source}.", ""]
+    if left_out:
+        text += ["Left out: " + "; ".join(f"`{n}` ({why})" for n, why in left_out.items()) + ".", ""]
     notes = os.path.join(out_dir, "notes.md")
     if os.path.exists(notes):
         with open(notes) as f:
             text += [f.read().rstrip("\n"), ""]
-    text += ["## Results (final val loss at the chosen lr)", "", results_table(results, timing, target), "",
-            "`*`: lr taken from Muon's tuning (controlled comparison), not tuned for this contender. "
-            "Welch p: two-sided, scipy.stats.ttest_ind(equal_var=False) of the final val losses against Muon's. "
-            "Steps / train s to target: mean over the seeds that reached it, at the first validation at or "
-            "below the target (validation every "
-            f"{flags.get('val_loss_every')} steps; train s excludes validation).", "",
-            "## Learning-rate tuning", "", tuning_table(tuning, chosen), ""]
+    text += ["## Controls", "", controls_markdown(controls), ""]
+    if controls["passed"]:
+        plot_paired_differences(results, os.path.join(out_dir, "paired_diff.png"))
+        text += ["## Verdicts (final val loss minus Muon's, same seeds: mean [95% CI])", ""]
+        for family, title in (("ord", "spectral-ORD"), ("brake", "radial brake"), ("echo", "spectral echo")):
+            for name, verdict in verdicts.get(family, {}).items():
+                text.append(f"- {title}, `{name}`: {verdict}")
+        text += ["", "![paired differences](paired_diff.png)", "",
+                 "## Results", "", results_table(results, timing, target), "",
+                 "`*`: lr taken from another contender's tuning (lr_source in results.json), not tuned for this "
+                 "one. Differences are paired over the seeds (same initial weights and data); paired p: "
+                 "scipy.stats.ttest_rel, two-sided; Holm p: adjusted over all contenders against Muon. Steps to "
+                 "target: linear interpolation between the validations around the first one at or below the "
+                 f"target (validation every {flags.get('val_loss_every')} steps); the steps comparison uses the "
+                 "seeds where both runs reached the target.", ""]
+    else:
+        text += ["**A control failed: no comparison or verdict is reported.** results.json keeps every number "
+                 "for diagnosis.", ""]
+    text += ["## Learning-rate tuning", "", tuning_markdown(tuning, chosen, positions), ""]
     if timing:
         text += ["## Optimizer step time", "", timing_table(timing), ""]
     if diagnostics and any(summary["by_step"] for summary in diagnostics.values()):
@@ -659,25 +938,50 @@ def write_report(out_dir: str, protocol: Protocol, flags: dict, target: float, t
     return doc
 
 
+def json_safe(value):
+    """value with every non-finite float (nan: undefined; inf: a diverged run, flagged in its run record) as None,
+    so results.json is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def tuning_curves(protocol: Protocol, contenders: list[Contender], grids: dict, log_dir: str) -> dict:
+    """{tag: [[step, val loss, train ms], ...]} of every tuning run that has a log."""
+    import runlog
+
+    curves = {}
+    for c in tuned(contenders):
+        for lr in grids[c.name]:
+            path = runlog.log_path(log_dir, run_tag(c.name, lr, protocol.tune_seed))
+            if os.path.exists(path):
+                curves[os.path.basename(path)[:-4]] = [list(p) for p in runlog.parse_log(path).val]
+    return curves
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
-    parser.add_argument("--out", required=True, help="directory for specs, README.md, results.json, loss.png")
+    parser.add_argument("--out", required=True, help="directory for specs, README.md, results.json, plots")
     parser.add_argument("--log-dir", default=None,
                         help="run logs (default: logs/optimizer_race_<protocol> in the repository)")
     parser.add_argument("--stage", choices=("all", "tune", "final", "timing", "report"), default="all",
                         help="all: tune, final, timing, report (finished runs are never rerun)")
     parser.add_argument("--contenders", default=None,
-                        help="comma-separated subset, e.g. muon,ord_gperp (default: the protocol's list)")
+                        help="comma-separated subset, e.g. adamw,muon,ord_gperp (default: the protocol's list)")
     parser.add_argument("--tune-all", action="store_true", help="tune every contender (ignore lr_from)")
     parser.add_argument("--max-parallel", type=int, default=None, help="runs at once (default: the protocol's)")
     parser.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train_gpt flag of the protocol (recorded in the outputs)")
     parser.add_argument("--no-timing", action="store_true", help="skip the optimizer step timing")
-    parser.add_argument("--dry-run", action="store_true", help="write the specs and print commands; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="write the specs, print commands and run counts")
     return parser.parse_args(argv)
 
 
@@ -704,14 +1008,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_parallel < 1:
             print("error: --max-parallel must be >= 1", file=sys.stderr)
             return 2
-        protocol = Protocol(**{**asdict(protocol), "max_parallel": args.max_parallel})
+        protocol = replace(protocol, max_parallel=args.max_parallel)
     try:
-        contenders = select_contenders(protocol, args.contenders.split(",") if args.contenders else None,
-                                       args.tune_all)
+        contenders, left_out = select_contenders(protocol, args.contenders.split(",") if args.contenders else None,
+                                                 args.tune_all)
         overrides = parse_flag_overrides(args.flag)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not any(c.name == "muon" for c in contenders):
+        print("error: Muon must race: every comparison and the A/A control are against it", file=sys.stderr)
+        return 2
+    for name, why in left_out.items():
+        print(f"note: {name} left out: {why}", flush=True)
     flags = {**protocol.flags, **overrides}
     log_dir = os.path.abspath(args.log_dir or os.path.join(REPO, "logs", f"optimizer_race_{protocol.name}"))
     out_dir = os.path.abspath(args.out)
@@ -732,18 +1041,22 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(spec, f, indent=1)
             f.write("\n")
         command = ["python", "launch_sweep.py", os.path.relpath(path, REPO), *sweep_flags]
-        print("$ " + shlex.join(command), flush=True)
+        runs = len(spec["configs"]) * len(spec["seeds"])
+        print(f"$ {shlex.join(command)}   # {runs} runs", flush=True)
         return launch_sweep.main([path, *sweep_flags, *(["--dry-run"] if args.dry_run else [])])
 
     stages = ("tune", "final", "timing", "report") if args.stage == "all" else (args.stage,)
+    grids = current_grids(protocol, contenders, out_dir)
     if "tune" in stages:
-        if launch(tune_spec(protocol, contenders, flags, shown_log_dir), "tune.json") not in (0, 1):
-            return 2
+        grids = run_tuning(protocol, contenders, flags, shown_log_dir, out_dir, launch, args.dry_run)
         if args.dry_run:
+            finals = len(contenders) * len(protocol.seeds) + len(protocol.aa_seeds)
+            print(f"then: {finals} final and A/A runs (more tuning runs if a grid needs extending)", flush=True)
             return 0
-    chosen, tuning = choose_lrs(protocol, contenders, log_dir)
+    chosen, tuning, positions = choose_lrs(protocol, contenders, grids, log_dir)
     if "final" in stages:
         launch(final_spec(protocol, contenders, chosen, flags, shown_log_dir), "final.json")
+        launch(aa_spec(protocol, contenders, chosen, flags, shown_log_dir), "aa.json")
         if args.dry_run:
             return 0
     timing_path = os.path.join(out_dir, "timing.json")
@@ -759,17 +1072,20 @@ def main(argv: list[str] | None = None) -> int:
         with open(timing_path) as f:
             timing = json.load(f)
     if "report" in stages:
-        target, source = resolve_target(protocol, flags)
+        target, source = resolve_target(protocol, chosen, flags, log_dir)
         results = collect_results(protocol, contenders, chosen, log_dir, target)
+        aa_runs = [run_record(log_dir, run_tag("muon", chosen["muon"], s), s, target) for s in protocol.aa_seeds]
+        controls = evaluate_controls(protocol, results, aa_runs, positions)
         shown_sweep_flags = [shown_log_dir if f == log_dir else f for f in sweep_flags]
         commands = ["# the whole race (each stage skips finished runs):", shlex.join(repro),
                     "# which runs these sweeps (from the repository root) and then times and reports:"]
         commands += [shlex.join(["python", "launch_sweep.py", os.path.relpath(os.path.join(out_dir, n), REPO),
-                                 *shown_sweep_flags]) for n in ("tune.json", "final.json")]
+                                 *shown_sweep_flags]) for n in ("tune.json", "final.json", "aa.json")]
         diagnostics = {c.name: diagnostics_summary(log_dir, [r["tag"] for r in results[c.name]["runs"]], c.optimizer)
                        for c in contenders if c.args.get("diagnostics_every")}
-        write_report(out_dir, protocol, flags, target, source, results, tuning, chosen, timing, commands, log_dir,
-                     diagnostics, tuning_curves(protocol, contenders, log_dir))
+        write_report(out_dir, protocol, flags, target, source, results, controls, tuning, grids, chosen, positions,
+                     timing, commands, log_dir, left_out, diagnostics, tuning_curves(protocol, contenders, grids,
+                                                                                      log_dir))
         print(open(os.path.join(out_dir, "README.md")).read())
     return 0
 

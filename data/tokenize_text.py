@@ -1,16 +1,29 @@
-"""Tokenize text files into train/val shards with the GPT-2 tokenizer (tiktoken "gpt2").
+"""Tokenize text files into train/val shards: GPT-2 tokens (tiktoken "gpt2") or UTF-8 bytes.
 
 Inputs: .txt files (one document per file, read as UTF-8 with universal newlines) and .jsonl files
 (one JSON object per line, the document in a text field, --text-field). Directories are searched
-for .txt / .jsonl files. Each document becomes [<|endoftext|> (50256)] + its tokens; documents are
-packed in input order and cut into shards of --shard-tokens tokens (a document may continue in
-the next shard). Files: <prefix>_val_000000.bin, ... and <prefix>_train_000001.bin, ...
+for .txt / .jsonl files. Each document becomes [BOS] + its tokens and documents are packed into
+shards of --shard-tokens tokens (a document may continue in the next shard). Files:
+<prefix>_val_000000.bin, ... and <prefix>_train_000001.bin, ...
 
-Validation split (deterministic, from the document order alone): n documents evenly spaced over
-the D input documents, indices floor((j + 0.5) * D / n) for j = 0 .. n-1, where n = --val-docs or
-round(--val-fraction * D) (at least 1). The same input always gives the same split.
+Tokenizers (--tokenizer):
+  gpt2:  tiktoken's GPT-2 BPE, ids < 50257, BOS = <|endoftext|> (50256).
+  bytes: one token per byte of the UTF-8 text, ids 1..255, BOS = 0. The NUL byte is the BOS token, so NUL
+         characters are removed from the text (UTF-8 never produces a zero byte for any other character).
 
-Usage: python data/tokenize_text.py corpus.jsonl --out-dir data/mytext --prefix mytext --val-fraction 0.05
+Long texts (books) can be cut into documents first (--cut-documents MIN:MAX): at blank lines, grouping
+paragraphs to MIN..MAX characters and starting a new document at a heading (ACT, SCENE, BOOK, CHAPTER, ...)
+once MIN is reached; see cut_document().
+
+Order and validation split (deterministic): the write order is the input order, or with --shuffle-seed S
+the permutation numpy.random.default_rng(S).permutation(D) of the D documents, so that reading the shards in
+order is an i.i.d.-like stream of documents (as FineWeb's shards are). The validation documents are n
+positions evenly spaced over that order, floor((j + 0.5) * D / n) for j = 0 .. n-1, where n = --val-docs or
+round(--val-fraction * D) (at least 1); with a shuffle they are a random sample of the documents. A document
+is either train or val, never both.
+
+Usage: python data/tokenize_text.py corpus.jsonl --out-dir data/mytext --prefix mytext --val-fraction 0.05 \
+           --shuffle-seed 0
 
 Offline tokenizer: when TIKTOKEN_CACHE_DIR is unset, ../shared/tiktoken_cache (next to the repository)
 or data/.cache/tiktoken (built by `python data/prepare_demo_data.py`) is used if present.
@@ -24,6 +37,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Iterable, Sequence
@@ -33,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np
 
-from data.shards import GPT2_BOS_ID, write_shard
+from data.shards import BYTES_BOS_ID, BYTES_VOCAB_SIZE, write_shard
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TIKTOKEN_CACHE = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tiktoken_cache")
@@ -103,6 +117,101 @@ def gpt2_encoding(cache_dir: str | None = None):
             os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
+class ByteTokenizer:
+    """Byte-level tokens: the UTF-8 bytes of the text are the ids (1..255); BOS is 0, the NUL byte.
+
+    NUL characters are removed before encoding, so 0 appears only as BOS. The interface is the part of
+    tiktoken's Encoding that tokenize_documents uses (encode_ordinary, encode_ordinary_batch, eot_token).
+    """
+
+    name = "bytes"
+    eot_token = BYTES_BOS_ID
+    n_vocab = BYTES_VOCAB_SIZE
+
+    def encode_ordinary(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.replace("\0", "").encode("utf-8"), dtype=np.uint8)
+
+    def encode_ordinary_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) != BYTES_BOS_ID).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = ("gpt2", "bytes")
+
+
+def get_tokenizer(name: str):
+    """The encoding called `name` (see TOKENIZERS): tiktoken's GPT-2 encoding or a ByteTokenizer."""
+    if name == "gpt2":
+        return gpt2_encoding()
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cutting long texts into documents and ordering documents
+
+# A paragraph that opens with one of these starts a new document once the current one has min_chars.
+HEADING = re.compile(r"(ACT|SCENE|BOOK|CHAPTER|CANTO|PART|THE ARGUMENT)\b|[IVXLC]+\.?$", re.IGNORECASE)
+
+
+def _split_lines(paragraph: str, max_chars: int) -> list[str]:
+    """A paragraph longer than max_chars as pieces of whole lines, each at most max_chars (a single longer
+    line is its own piece)."""
+    pieces, lines, size = [], [], 0
+    for line in paragraph.split("\n"):
+        if lines and size + len(line) + 1 > max_chars:
+            pieces.append("\n".join(lines))
+            lines, size = [], 0
+        lines.append(line)
+        size += len(line) + 1
+    if lines:
+        pieces.append("\n".join(lines))
+    return pieces
+
+
+def cut_document(text: str, min_chars: int, max_chars: int) -> list[str]:
+    """Cut a long text (a book) into documents of about min_chars..max_chars characters.
+
+    Paragraphs (separated by blank lines; longer ones split at line ends) are grouped in order. A document
+    ends before a paragraph that would take it past max_chars, or before a heading (HEADING: ACT, SCENE,
+    BOOK, ...) once it holds min_chars; a document under min_chars takes the next paragraph even if that
+    passes max_chars, so documents stay under min_chars + max_chars. A short last document joins the one
+    before it. Paragraphs are re-joined with one blank line; no other text changes.
+    """
+    if not 0 < min_chars <= max_chars:
+        raise ValueError(f"need 0 < min_chars <= max_chars, got {min_chars} and {max_chars}.")
+    out, current, size = [], [], 0
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        paragraph = paragraph.strip("\n")
+        if not paragraph.strip():
+            continue
+        for piece in _split_lines(paragraph, max_chars) if len(paragraph) > max_chars else [paragraph]:
+            full = current and size >= min_chars and (size + len(piece) > max_chars or HEADING.match(piece))
+            if full:
+                out.append("\n\n".join(current))
+                current, size = [], 0
+            current.append(piece)
+            size += len(piece) + 2
+    if current:
+        if out and size < min_chars:
+            out[-1] += "\n\n" + "\n\n".join(current)
+        else:
+            out.append("\n\n".join(current))
+    return out
+
+
+def document_order(num_docs: int, shuffle_seed: int | None) -> list[int]:
+    """Write order of num_docs documents: the input order, or numpy default_rng(shuffle_seed).permutation."""
+    if shuffle_seed is None:
+        return list(range(num_docs))
+    if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0:
+        raise ValueError(f"shuffle_seed must be a non-negative integer or None, got {shuffle_seed!r}.")
+    return np.random.default_rng(int(shuffle_seed)).permutation(num_docs).tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading documents
 
@@ -153,7 +262,7 @@ def read_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
 
 def val_document_indices(num_docs: int, val_docs: int | None = None, val_fraction: float | None = None
                          ) -> list[int]:
-    """Indices of the validation documents: n evenly spaced, floor((j + 0.5) * num_docs / n)."""
+    """Positions (in the write order) of the validation documents: n evenly spaced, floor((j + 0.5) * num_docs / n)."""
     if val_docs is not None and val_fraction is not None:
         raise ValueError("give either val_docs or val_fraction, not both.")
     if val_docs is None:
@@ -212,12 +321,17 @@ def existing_shards(out_dir: str, prefix: str) -> list[str]:
 
 def tokenize_documents(docs: Sequence[str], out_dir: str, prefix: str, val_docs: int | None = None,
                        val_fraction: float | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                       encoding=None, overwrite: bool = False, batch_chars: int = 4_000_000) -> dict:
-    """Tokenize documents into <out_dir>/<prefix>_{val,train}_NNNNNN.bin; return a summary dict
-    (files -> token counts, document and token counts, the val document indices).
+                       encoding=None, overwrite: bool = False, batch_chars: int = 4_000_000,
+                       shuffle_seed: int | None = None) -> dict:
+    """Tokenize documents into <out_dir>/<prefix>_{val,train}_NNNNNN.bin; return a summary dict.
 
-    encoding: anything with encode_ordinary_batch / encode_ordinary (default: GPT-2 via tiktoken)
-    whose ids are < 65536; the BOS id 50256 is prefixed to every document.
+    Documents are written in document_order(len(docs), shuffle_seed); the validation documents are the
+    val_document_indices positions of that order (see the module docstring).
+    encoding: anything with encode_ordinary_batch and eot_token (default: GPT-2 via tiktoken; ByteTokenizer)
+    whose ids are < 65536; eot_token (the BOS id) is prefixed to every document.
+    Summary: "files" (name -> token count), "documents", "val_document_indices" (input indices, sorted),
+    "order" (input indices in write order), "split_documents" ({"train"|"val": [[input index, tokens
+    including BOS], ...] in the order they were written}), "train_tokens", "val_tokens", "bos_id".
     """
     if not prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a plain file-name prefix, got {prefix!r}.")
@@ -225,6 +339,8 @@ def tokenize_documents(docs: Sequence[str], out_dir: str, prefix: str, val_docs:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}.")
     if not docs:
         raise ValueError("no documents to tokenize (all inputs are empty).")
+    order = document_order(len(docs), shuffle_seed)
+    val_set = {order[k] for k in val_document_indices(len(docs), val_docs, val_fraction)}
     stale = existing_shards(out_dir, prefix)
     if stale and not overwrite:
         raise ValueError(f"{out_dir} already holds {len(stale)} shard(s) named {prefix}_*; pass "
@@ -233,20 +349,27 @@ def tokenize_documents(docs: Sequence[str], out_dir: str, prefix: str, val_docs:
         os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
     encoding = gpt2_encoding() if encoding is None else encoding
-    val_set = set(val_document_indices(len(docs), val_docs, val_fraction))
+    bos = int(encoding.eot_token)
     writers = {"val": _ShardWriter(out_dir, prefix, "val", 0, shard_tokens),
                "train": _ShardWriter(out_dir, prefix, "train", 1, shard_tokens)}
-    print(f"tokenizing {len(docs):,} documents ({len(val_set)} for validation) into {out_dir}", flush=True)
+    split_documents: dict[str, list[list[int]]] = {"val": [], "train": []}
+    shuffled = "shuffled" if shuffle_seed is not None else "in input order"
+    print(f"tokenizing {len(docs):,} documents ({len(val_set)} for validation, {shuffled}) into {out_dir}",
+          flush=True)
     t0, done_chars, total_chars = time.time(), 0, sum(len(d) for d in docs)
     start = 0
-    while start < len(docs):  # batches of about batch_chars characters, for progress output
+    while start < len(order):  # batches of about batch_chars characters, for progress output
         stop, size = start, 0
-        while stop < len(docs) and (stop == start or size + len(docs[stop]) <= batch_chars):
-            size += len(docs[stop])
+        while stop < len(order) and (stop == start or size + len(docs[order[stop]]) <= batch_chars):
+            size += len(docs[order[stop]])
             stop += 1
-        encoded = encoding.encode_ordinary_batch(list(docs[start:stop]))
-        for i, ids in enumerate(encoded, start):
-            writers["val" if i in val_set else "train"].add(np.array([GPT2_BOS_ID] + ids, dtype=np.int64))
+        batch = order[start:stop]
+        encoded = encoding.encode_ordinary_batch([docs[i] for i in batch])
+        for i, ids in zip(batch, encoded):
+            split = "val" if i in val_set else "train"
+            tokens = np.concatenate([[bos], np.asarray(ids, dtype=np.int64)]).astype(np.int64)
+            writers[split].add(tokens)
+            split_documents[split].append([i, len(tokens)])
         done_chars += size
         print(f"  {stop:,}/{len(docs):,} documents, {done_chars / max(total_chars, 1):.0%} of the text, "
               f"{writers['train'].total + writers['val'].total:,} tokens, {time.time() - t0:.1f}s", flush=True)
@@ -256,6 +379,9 @@ def tokenize_documents(docs: Sequence[str], out_dir: str, prefix: str, val_docs:
     return {
         "documents": len(docs),
         "val_document_indices": sorted(val_set),
+        "order": order,
+        "split_documents": split_documents,
+        "bos_id": bos,
         "val_tokens": writers["val"].total,
         "train_tokens": writers["train"].total,
         "files": {**writers["val"].files, **writers["train"].files},
@@ -263,11 +389,27 @@ def tokenize_documents(docs: Sequence[str], out_dir: str, prefix: str, val_docs:
 
 
 def tokenize_files(inputs: Sequence[str], out_dir: str, prefix: str, text_field: str = "text",
-                   **kwargs) -> dict:
-    """read_documents(expand_inputs(inputs)) then tokenize_documents(...); see there."""
+                   cut_chars: tuple[int, int] | None = None, **kwargs) -> dict:
+    """read_documents(expand_inputs(inputs)), each cut by cut_document(doc, *cut_chars) when cut_chars is
+    given, then tokenize_documents(...); see there."""
     paths = expand_inputs(inputs)
     print(f"reading {len(paths)} input file(s)", flush=True)
-    return tokenize_documents(read_documents(paths, text_field), out_dir, prefix, **kwargs)
+    docs = read_documents(paths, text_field)
+    if cut_chars is not None:
+        docs = [piece for doc in docs for piece in cut_document(doc, *cut_chars)]
+        print(f"cut into {len(docs):,} documents of about {cut_chars[0]:,}-{cut_chars[1]:,} characters", flush=True)
+    return tokenize_documents(docs, out_dir, prefix, **kwargs)
+
+
+def parse_cut_chars(text: str) -> tuple[int, int]:
+    """'1000:4000' -> (1000, 4000) for --cut-documents."""
+    try:
+        low, high = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX characters (example 1000:4000), got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"need 0 < MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -275,10 +417,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories holding them")
     parser.add_argument("--out-dir", required=True, help="folder for the shards")
     parser.add_argument("--prefix", default="text", help="shard name prefix (default: text)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
+                        help="gpt2 (BPE, BOS 50256) or bytes (UTF-8 bytes, BOS 0); default gpt2")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=None,
                        help="fraction of documents for validation (default 0.05)")
     split.add_argument("--val-docs", type=int, default=None, help="number of validation documents")
+    parser.add_argument("--shuffle-seed", type=int, default=None,
+                        help="write the documents in a random order from this seed (default: input order)")
+    parser.add_argument("--cut-documents", type=parse_cut_chars, default=None, metavar="MIN:MAX",
+                        help="cut each input document into documents of MIN..MAX characters at paragraph "
+                             "breaks (for books); default: keep documents whole")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                         help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     parser.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files")
@@ -286,8 +435,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = tokenize_files(args.inputs, args.out_dir, args.prefix, text_field=args.text_field,
-                                 val_docs=args.val_docs, val_fraction=args.val_fraction,
-                                 shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+                                 cut_chars=args.cut_documents, val_docs=args.val_docs,
+                                 val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                                 overwrite=args.overwrite, shuffle_seed=args.shuffle_seed,
+                                 encoding=get_tokenizer(args.tokenizer))
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,8 @@ Subclass contract:
     value passed as `grads` to `compute_update`. Override it to deliver something else to the owner
     (e.g. per-replicate partial sums); it is called for all buckets before the first `wait()`.
   - `update_scale(shape)`: lr multiplier per shape, default max(1, M/N)^0.5 with (M, N) the last two dims.
+  - `apply_update(group, W, U, step_lr)`: how U changes W, step_lr = lr * s (default: step 3's decay and step;
+    spectral_ord's radial brake overrides it).
   - `validate_group(group)` / `validate_param(p)`: argument checks, run for every param group added.
 
 Group keys the base adds to every group (each may be set per group, or as a constructor default):
@@ -202,6 +204,11 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
                        states: list[dict]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement compute_update")
 
+    def apply_update(self, group: dict, W: torch.Tensor, update: torch.Tensor, step_lr: float) -> None:
+        """In place on the owned stack W (n_own, *shape): weight decay (plain or cautious), then W -= step_lr U."""
+        apply_decay_and_step(W, update, step_lr, group["lr"] * group["weight_decay"] * group["weight_decay_mul"],
+                             group["cautious_weight_decay"])
+
     def reduce_gradients(self, bucket: Bucket) -> PendingGrads:
         """Start averaging this bucket's gradients over ranks; the owner gets its slice (n_own, *shape)."""
         n_own = len(bucket.owned)
@@ -249,9 +256,7 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         if owned:
             states = [self.state[p] for p in owned]
             update = self.compute_update(group, owned, W, grads, states)
-            apply_decay_and_step(W, update, group["lr"] * self.step_multiplier(group, bucket.shape),
-                                 group["lr"] * group["weight_decay"] * group["weight_decay_mul"],
-                                 group["cautious_weight_decay"])
+            self.apply_update(group, W, update, group["lr"] * self.step_multiplier(group, bucket.shape))
         if bucket.world_size == 1:
             torch._foreach_copy_(owned, list(W.unbind(0)))
             return lambda: None

@@ -13,7 +13,8 @@ Contents:
 - cross_project / estimate_echo: per-atom echo estimates with standard errors (several random splits,
   or leave-one-out).
 - noise_sigma / noise_scales: per-entry noise std and the D0 scales (||G||^2, tr(Sigma), B_simple).
-- binned_ratio / bootstrap_binned_ratio: ratio-of-sums echo per window of singular values.
+- binned_echo / bootstrap_binned_ratio: ratio-of-sums echo per window of singular values, with standard errors
+  and bootstrap bands from per-replicate bin sums (the splits share replicates; atoms' errors correlate).
 - gavish_donoho_echo and the curve families of fit_curve ("O(1) constants" for r(s)), isotonic_fit.
 
 Everything runs in float64 on the input's device; inputs of any float dtype are accepted.
@@ -32,10 +33,13 @@ __all__ = [
     "CrossProjection", "EchoEstimate", "BinnedEcho", "CurveFit", "CURVE_FAMILIES",
     "check_replicates", "random_splits", "project_atoms", "cross_project", "cross_project_split", "estimate_echo",
     "noise_sigma", "noise_scales", "noise_anisotropy",
-    "bin_edges", "merge_sparse_bins", "binned_ratio", "bootstrap_binned_ratio",
+    "bin_edges", "merge_sparse_bins", "binned_ratio", "bin_onehot", "replicate_se", "binned_echo",
+    "bootstrap_binned_ratio",
     "gavish_donoho_eta", "gavish_donoho_echo", "fit_curve", "isotonic_fit",
 ]
 
+
+BOOT_CHUNK_ELEMENTS = 2 ** 24  # float64 matrix entries per batched bootstrap SVD (~130 MB)
 
 # ----------------------------------------------------------------------------------------------
 # Replicates and splits
@@ -182,6 +186,8 @@ class EchoEstimate:
     s, echo, se: (n_splits, r) per split (se NaN where a split has one probe, as in leave-one-out).
     probe_values: one (p, r) tensor per split. sigma: per-entry noise std of ONE replicate (noise_sigma).
     n_atom: replicates averaged into the atoms (the atoms' noise std is sigma / sqrt(n_atom)).
+    boot_s, boot_echo: (n_boot, n_splits, r) the same per-split estimates under replicate-weight bootstrap draws
+    (bootstrap_splits; None when n_boot = 0). Standard errors below come from them when present.
     """
     s: torch.Tensor
     echo: torch.Tensor
@@ -194,22 +200,23 @@ class EchoEstimate:
     n_probe: int
     shape: tuple[int, int]
     leave_one_out: bool
+    boot_s: torch.Tensor | None = None
+    boot_echo: torch.Tensor | None = None
 
     def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(s, echo, se) averaged over splits, rank by rank.
 
-        The splits share replicates, so their errors are correlated. With several probes per split the
-        returned se is the mean of the per-split se: an upper bound of the averaged estimate's se
-        (triangle inequality). Leave-one-out splits have one probe each: their probes are disjoint and
-        the atoms nearly equal, so se = std over splits / sqrt(K) (approximate).
+        se: the spread of the rank-wise split average over the bootstrap draws when the estimate has them,
+        else replicate_se (conditional on the atoms). The splits share replicates, so their errors are
+        correlated: neither averaging nor root-summing the per-split se is right.
         """
-        s = self.s.mean(0)
-        echo = self.echo.mean(0)
-        if self.leave_one_out:
-            se = self.echo.std(0, unbiased=True) / math.sqrt(self.echo.size(0))
+        if self.boot_echo is not None:
+            se = self.boot_echo.mean(1).std(0)
         else:
-            se = self.se.mean(0)
-        return s, echo, se
+            n = self.s.size(0)
+            weights = torch.eye(self.s.size(1), dtype=torch.float64).expand(n, -1, -1) / n  # (splits, r, r)
+            se = torch.as_tensor(replicate_se(self, weights.numpy()))
+        return self.s.mean(0), self.echo.mean(0), se
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(s, echo, se, split id) of all splits' atoms as flat (n_splits * r,) tensors."""
@@ -226,12 +233,14 @@ def estimate_echo(
     seed: int = 0,
     momentum_buffer: torch.Tensor | None = None,
     momentum: float = 0.0,
+    n_boot: int = 0,
 ) -> EchoEstimate:
     """Echo of a matrix's atoms from K replicates (K, M, N) by cross-projection.
 
     Default: n_splits random half splits (n_probe = K // 2 probes, the rest build the atoms).
     leave_one_out=True: K splits, atoms from the mean of K - 1 replicates, probed with the left-out one
     (closer to the full-batch operating point; se only for the split average, see mean_curve).
+    n_boot > 0: also bootstrap_splits draws (n_boot x n_splits SVDs) for calibrated standard errors.
     """
     R = check_replicates(replicates)
     K, M, N = R.shape
@@ -240,7 +249,7 @@ def estimate_echo(
     else:
         splits = random_splits(K, n_splits, n_probe, seed)
     cps = [cross_project_split(R, a, p, momentum_buffer, momentum) for a, p in splits]
-    return EchoEstimate(
+    est = EchoEstimate(
         s=torch.stack([c.s for c in cps]),
         echo=torch.stack([c.echo for c in cps]),
         se=torch.stack([c.se for c in cps]),
@@ -253,6 +262,43 @@ def estimate_echo(
         shape=(M, N),
         leave_one_out=leave_one_out,
     )
+    if n_boot > 0:
+        est.boot_s, est.boot_echo = bootstrap_splits(R, splits, n_boot, seed, momentum_buffer, momentum)
+    return est
+
+
+def bootstrap_splits(replicates: torch.Tensor, splits: list[tuple[list[int], list[int]]], n_boot: int,
+                     seed: int = 0, momentum_buffer: torch.Tensor | None = None,
+                     momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replicate-weight bootstrap of every split at once: (s, echo), each (n_boot, n_splits, r).
+
+    A draw gives each of the K replicates a weight w_k ~ K Dirichlet(1, ..., 1) (the Bayesian bootstrap) and
+    uses the SAME weights in every split (the splits share replicates): atoms from the w-weighted mean of the
+    atom set, probe = the w-weighted mean of the probe set. The atoms are recomputed (an SVD per split and
+    draw) because their noise is part of the estimate's error; weights instead of resampled copies keep a
+    replicate from landing in both halves of a split (an in-sample echo). In simulation (tests/test_echo.py)
+    the spread of the draws covers the truth at close to the nominal rate; their percentiles do not (the
+    reweighted atoms are noisier than the real ones), so intervals are point +- z * spread.
+    """
+    R = check_replicates(replicates)
+    K = R.size(0)
+    gen = np.random.default_rng(seed)
+    w = torch.as_tensor(gen.dirichlet(np.ones(K), size=n_boot), dtype=torch.float64, device=R.device)  # (B, K)
+    chunk = max(1, BOOT_CHUNK_ELEMENTS // (len(splits) * R[0].numel()))  # draws per batched SVD (memory)
+    s_draws, e_draws = [], []
+    for start in range(0, n_boot, chunk):
+        wc = w[start:start + chunk]
+        atoms, probes = [], []
+        for atom_idx, probe_idx in splits:
+            wa = wc[:, atom_idx] / wc[:, atom_idx].sum(1, keepdim=True)
+            wp = wc[:, probe_idx] / wc[:, probe_idx].sum(1, keepdim=True)
+            atoms.append(_atom_matrix(torch.einsum("bk,kmn->bmn", wa, R[atom_idx]), momentum_buffer, momentum))
+            probes.append(torch.einsum("bk,kmn->bmn", wp, R[probe_idx]))
+        X, P = torch.stack(atoms, 1), torch.stack(probes, 1)  # (chunk, n_splits, M, N)
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)  # (chunk, n_splits, M, r), (chunk, n_splits, r)
+        s_draws.append(S)
+        e_draws.append(project_atoms(U, Vh.mT, P))
+    return torch.cat(s_draws), torch.cat(e_draws)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,94 +409,111 @@ def merge_sparse_bins(s, edges: np.ndarray, min_count: int) -> np.ndarray:
     return np.asarray(edges)
 
 
-def binned_ratio(
-    s: torch.Tensor,
-    echo: torch.Tensor,
-    se: torch.Tensor | None = None,
-    edges: np.ndarray | None = None,
-    n_bins: int = 12,
-    group: torch.Tensor | None = None,
-) -> BinnedEcho:
-    """Ratio-of-sums echo sum(echo) / sum(s) per bin of s (flat tensors of atoms).
+def binned_ratio(s: torch.Tensor, echo: torch.Tensor, edges: np.ndarray | None = None,
+                 n_bins: int = 12) -> BinnedEcho:
+    """Ratio-of-sums echo sum(echo) / sum(s) per bin of s (flat tensors of atoms), without standard errors.
 
     Invariant to rotations inside degenerate clusters and stable at small s (unlike means of per-atom
-    ratios). se: per-atom standard errors; a bin's se is sqrt(sum se^2) / sum(s) (atoms' errors treated
-    as independent). group: the split each atom came from; splits share replicates, so the se of a bin
-    pooled over G groups is the mean of the per-group bin se (an upper bound), not their root-sum.
+    ratios). Standard errors need the replicates: binned_echo.
     """
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).cpu().numpy()
     echo = torch.as_tensor(echo, dtype=torch.float64).reshape(-1).cpu().numpy()
     if s.shape != echo.shape:
         raise ValueError(f"s and echo need the same number of atoms, got {s.shape} and {echo.shape}")
-    var = None if se is None else torch.as_tensor(se, dtype=torch.float64).reshape(-1).cpu().numpy() ** 2
-    groups = np.zeros(s.shape, dtype=np.int64) if group is None else torch.as_tensor(group).reshape(-1).cpu().numpy()
-    if edges is None:
-        edges = bin_edges(s, n_bins)
-    edges = np.asarray(edges, dtype=np.float64)
-    n = len(edges) - 1
-    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n - 1)
-    inside = (s >= edges[0]) & (s <= edges[-1])
-    s_mean, ratio, ratio_se = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    count = np.zeros(n, dtype=np.int64)
-    for b in range(n):
-        m = inside & (idx == b)
-        count[b] = int(m.sum())
-        if count[b] == 0:
-            continue
-        sum_s = s[m].sum()
-        s_mean[b] = sum_s / count[b]
-        ratio[b] = echo[m].sum() / sum_s
-        if var is not None:
-            per_group = []
-            for g in np.unique(groups[m]):
-                mg = m & (groups == g)
-                per_group.append(math.sqrt(var[mg].sum()) / s[mg].sum())
-            ratio_se[b] = float(np.mean(per_group)) if per_group else np.nan
-    return BinnedEcho(edges=edges, s_mean=s_mean, ratio=ratio, ratio_se=ratio_se, count=count)
+    edges = bin_edges(s, n_bins) if edges is None else np.asarray(edges, dtype=np.float64)
+    onehot = bin_onehot(s[None], edges)[0]  # (atoms, bins)
+    count = onehot.sum(0).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sum_s = s @ onehot
+        return BinnedEcho(edges=edges, s_mean=sum_s / count, ratio=(echo @ onehot) / sum_s,
+                          ratio_se=np.full(len(count), np.nan), count=count)
 
 
-def bootstrap_binned_ratio(
-    estimate: EchoEstimate,
-    edges: np.ndarray,
-    n_boot: int = 200,
-    seed: int = 0,
-    level: float = 0.9,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bootstrap over probe replicates: (ratio, lower, upper) per bin at confidence `level`.
-
-    Each bootstrap draw resamples the probe replicates of every split with replacement (the atoms stay
-    fixed, so no SVD is repeated), recomputes the split-averaged ratio-of-sums per bin.
-    Needs >= 2 probes per split (not leave-one-out).
-    """
-    if estimate.n_probe < 2:
-        raise ValueError("bootstrap over probes needs >= 2 probe replicates per split; use half splits, "
-                         "not leave-one-out")
-    gen = np.random.default_rng(seed)
+def bin_onehot(s: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin membership (..., atoms, bins) as 0/1 floats of singular values s (..., atoms); outside the edges: none."""
     edges = np.asarray(edges, dtype=np.float64)
     n_bins = len(edges) - 1
-    # bin membership per split: (n_splits, r) -> bin index or -1
-    s_np = estimate.s.cpu().numpy()
-    member = np.searchsorted(edges, s_np, side="right") - 1
-    member[(s_np < edges[0]) | (s_np > edges[-1])] = -1
-    member = np.clip(member, -1, n_bins - 1)
-    onehot = np.stack([(member == b) for b in range(n_bins)], axis=-1).astype(np.float64)  # (splits, r, bins)
-    sum_s = np.einsum("kr,krb->b", s_np, onehot)
-    pvs = [pv.cpu().numpy() for pv in estimate.probe_values]
+    member = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+    inside = (s >= edges[0]) & (s <= edges[-1])
+    return (member[..., None] == np.arange(n_bins)) & inside[..., None]
 
-    def ratio_of(echo_per_split: list[np.ndarray]) -> np.ndarray:
-        num = sum(e @ onehot[k] for k, e in enumerate(echo_per_split))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return num / sum_s
 
-    point = ratio_of([pv.mean(0) for pv in pvs])
-    draws = np.empty((n_boot, n_bins))
-    for b in range(n_boot):
-        draws[b] = ratio_of([pv[gen.integers(0, pv.shape[0], pv.shape[0])].mean(0) for pv in pvs])
-    alpha = (1 - level) / 2
-    with warnings.catch_warnings():  # bins without atoms are NaN in every draw: NaN bounds, no warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lower, upper = np.nanquantile(draws, alpha, axis=0), np.nanquantile(draws, 1 - alpha, axis=0)
-    return point, lower, upper
+def _probe_sums(estimate: EchoEstimate, weights: np.ndarray) -> list[np.ndarray]:
+    """Per split, each probe replicate's weighted atom sums: (p, n_out) = probe_values (p, r) @ weights[split]."""
+    return [pv.double().cpu().numpy() @ w for pv, w in zip(estimate.probe_values, weights)]
+
+
+def replicate_se(estimate: EchoEstimate, weights: np.ndarray) -> np.ndarray:
+    """Standard error of sum_splits sum_atoms weights[split, atom, out] * echo[split, atom], per output.
+
+    From per-replicate sums, with the atoms held fixed: replicate k's noise enters through its probe sums
+    B_k = probe_values_k @ weights in every split where it is a probe, so its contribution is
+    h_k = sum over those splits of (B_k - mean of the split's probes) / p, and var = p / (p - 1) sum_k h_k^2
+    (exact for one split: the sample variance of the probe sums / p). Correlations between atoms (anisotropic
+    noise) and between splits (shared replicates) are both kept. Leave-one-out estimates (one probe per split)
+    use the spread of the split sums instead: var = K / (K - 1) sum_k (B_k - mean)^2 (approximate: the atoms
+    differ slightly between splits).
+    """
+    sums = _probe_sums(estimate, weights)
+    K = estimate.K
+    if estimate.n_probe == 1:
+        B = np.concatenate(sums)  # (K, n_out): split k's single probe
+        return np.sqrt(K / (K - 1) * ((B - B.mean(0)) ** 2).sum(0))
+    p = estimate.n_probe
+    h = np.zeros((K, weights.shape[-1]))
+    for (_, probe_idx), B in zip(estimate.splits, sums):
+        h[probe_idx] += (B - B.mean(0)) / p
+    return np.sqrt(p / (p - 1) * (h ** 2).sum(0))
+
+
+def binned_echo(estimate: EchoEstimate, edges: np.ndarray) -> BinnedEcho:
+    """Ratio-of-sums echo per bin of s, pooled over the estimate's splits, with replicate-level standard errors.
+
+    ratio = sum over splits and atoms in the bin of echo / the same sum of s. Bin membership is fixed by the
+    atoms' ranks in the full-data splits. ratio_se: the spread of the same ratio over the estimate's bootstrap
+    draws (bootstrap_splits) when it has them; otherwise replicate_se of the numerator / the denominator
+    (conditional on the atoms: in simulation ~1.2x too narrow, as it omits the atoms' own noise).
+    """
+    edges = np.asarray(edges, dtype=np.float64)
+    s = estimate.s.double().cpu().numpy()  # (splits, r)
+    onehot = bin_onehot(s, edges).astype(np.float64)  # (splits, r, bins)
+    count = onehot.sum((0, 1)).astype(np.int64)
+    sum_s = np.einsum("kr,krb->b", s, onehot)
+    num = np.einsum("kr,krb->b", estimate.echo.double().cpu().numpy(), onehot)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if estimate.boot_echo is not None:
+            draws = _boot_ratio_draws(estimate, onehot)
+            with warnings.catch_warnings():  # bins without atoms are NaN in every draw: NaN se, no warning
+                warnings.simplefilter("ignore", RuntimeWarning)
+                se = np.nanstd(draws, axis=0, ddof=1) if draws.shape[0] > 1 else np.full(len(count), np.nan)
+        else:
+            se = replicate_se(estimate, onehot) / sum_s
+        return BinnedEcho(edges=edges, s_mean=sum_s / count, ratio=num / sum_s, ratio_se=se, count=count)
+
+
+def _boot_ratio_draws(estimate: EchoEstimate, onehot: np.ndarray) -> np.ndarray:
+    """(n_boot, bins) pooled ratio-of-sums of every bootstrap draw, membership fixed by rank (onehot)."""
+    bs = estimate.boot_s.double().cpu().numpy()  # (B, splits, r)
+    be = estimate.boot_echo.double().cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.einsum("bkr,krn->bn", be, onehot) / np.einsum("bkr,krn->bn", bs, onehot)
+
+
+def bootstrap_binned_ratio(estimate: EchoEstimate, edges: np.ndarray,
+                           level: float = 0.9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ratio, lower, upper) per bin: ratio +- t * the spread of the estimate's bootstrap draws.
+
+    Needs an estimate made with n_boot > 0 (estimate_echo): the draws reweight the replicates jointly in every
+    split and recompute the atoms (bootstrap_splits). t: the Student quantile with K - 1 degrees of freedom
+    (K replicates; with K = 8 normal quantiles covered 84-90% in simulation instead of 90%).
+    """
+    if estimate.boot_echo is None:
+        raise ValueError("the estimate has no bootstrap draws: make it with estimate_echo(..., n_boot=200)")
+    from scipy.stats import t as student_t
+
+    binned = binned_echo(estimate, edges)
+    half = student_t.ppf(0.5 + level / 2, estimate.K - 1) * binned.ratio_se
+    return binned.ratio, binned.ratio - half, binned.ratio + half
 
 
 # ----------------------------------------------------------------------------------------------

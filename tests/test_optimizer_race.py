@@ -1,5 +1,6 @@
-"""bench/optimizer_race.py: the specs it writes, its statistics against hand computations, and the whole toy
-protocol end to end (real train_gpt.py runs through launch_sweep.py, timing, report) so the race cannot rot."""
+"""bench/optimizer_race.py: the specs it writes, grid extension, its statistics against hand computations, the
+controls, and the whole toy protocol end to end (real train_gpt.py runs through launch_sweep.py, timing, report)
+so the race cannot rot."""
 import json
 import math
 import os
@@ -16,59 +17,104 @@ from bench import optimizer_race as race
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_specs_tune_only_tuned_contenders_and_reuse_the_tune_seed_run():
+def test_specs_pair_seeds_and_keep_the_tune_seed_out():
     protocol = race.PROTOCOLS["cpu"]
-    contenders = race.select_contenders(protocol, None, tune_all=False)
+    contenders, left_out = race.select_contenders(protocol, None, tune_all=False)
     names = [c.name for c in contenders]
-    assert names == list(protocol.contenders)
-    tune = race.tune_spec(protocol, contenders, protocol.flags, "/tmp/x")
+    assert names == [n for n in protocol.contenders if n not in left_out]
+    assert all("not registered" in why for why in left_out.values())
+    assert protocol.tune_seed not in protocol.seeds + protocol.aa_seeds and len(protocol.seeds) >= 5
+    assert not set(protocol.seeds) & set(protocol.aa_seeds)
+    grids = race.current_grids(protocol, contenders, "/nonexistent")
     tuned = {c.name for c in contenders if c.lr_from is None}
-    assert tuned == {"adamw", "muon", "echo"}  # the ORD variants take Muon's lr
-    expected = {f"{c.name}-lr{race.lr_text(lr)}" for c in contenders if c.lr_from is None
-                for lr in protocol.lr_grids[c.grid]}
-    assert {cfg["tag"] for cfg in tune["configs"]} == expected and tune["seeds"] == [protocol.tune_seed]
+    # the ORD variants and the brake take Muon's lr, the fixed echo curve the fitted one's
+    assert tuned == {"adamw", "muon", "normuon", "echo", "echo_plateau", "echo_reverb"} and not left_out
+    assert all(len(grid) >= 5 and grid == sorted(grid) for grid in grids.values())
+    tune = race.tune_spec(protocol, contenders, grids, protocol.flags, "/tmp/x")
+    assert {cfg["tag"] for cfg in tune["configs"]} == {f"{n}-lr{race.lr_text(lr)}" for n in tuned for lr in grids[n]}
+    assert tune["seeds"] == [protocol.tune_seed]
 
-    chosen = {"adamw": 3e-3, "muon": 0.02, "echo": 0.04}
+    chosen = {"adamw": 3e-3, "muon": 0.028, "echo": 0.04, "normuon": 0.02, "echo_plateau": 0.057,
+              "echo_reverb": 0.04}
     chosen.update({c.name: chosen[c.lr_from] for c in contenders if c.lr_from})
-    final = race.final_spec(protocol, contenders, chosen, protocol.flags, "/tmp/x")
-    sweep = launch_sweep.expand_spec(final, "final.json")
-    tags = {run.tag for run in sweep.runs}
-    assert tags == {race.run_tag(n, chosen[n], s) for n in names for s in protocol.seeds}
-    # the tune-seed run at the chosen lr has the same tag in both specs, so launch_sweep skips it
-    tune_tags = {run.tag for run in launch_sweep.expand_spec(tune, "tune.json").runs}
-    assert {race.run_tag(n, chosen[n], protocol.tune_seed) for n in tuned} <= tune_tags & tags
-    for run in sweep.runs:  # every command is one train_gpt.py accepts, with the intended optimizer and lr
-        command = launch_sweep.build_command(run, sweep, ["torchrun"])
-        cfg = train_gpt.parse_config(command[command.index(sweep.train_script) + 1:])
+    final = launch_sweep.expand_spec(race.final_spec(protocol, contenders, chosen, protocol.flags, "/tmp/x"), "f")
+    assert {run.tag for run in final.runs} == {race.run_tag(n, chosen[n], s) for n in names for s in protocol.seeds}
+    aa = launch_sweep.expand_spec(race.aa_spec(protocol, contenders, chosen, protocol.flags, "/tmp/x"), "aa")
+    assert {run.tag for run in aa.runs} == {race.run_tag("muon", 0.028, s) for s in protocol.aa_seeds}
+    for run in final.runs:  # every command is one train_gpt.py accepts, with the intended optimizer and lr
+        command = launch_sweep.build_command(run, final, ["torchrun"])
+        cfg = train_gpt.parse_config(command[command.index(final.train_script) + 1:])
         contender = run.tag.split("-lr")[0]
         assert cfg.lr == chosen[contender] and cfg.num_iterations == protocol.flags["num_iterations"]
+        assert cfg.preset == "cpu-bytes" and cfg.sample_rows and cfg.batch_tokens // cfg.micro_batch_tokens == 4
+        args = train_gpt.parse_optimizer_args(cfg.optimizer_args)
         if contender.startswith("ord_"):
-            args = train_gpt.parse_optimizer_args(cfg.optimizer_args)
             assert cfg.optimizer == "spectral_ord" and args["decompose"] is True and args["diagnostics_every"] == 10
+        if contender == "brake":
+            assert cfg.optimizer == "spectral_ord" and args == {"brake_outward": 0.5}
+        if contender == "echo_fixed":
+            assert cfg.optimizer == "spectral_echo" and args == {"mode": "fit", "c_rel": race.ECHO_FIXED_C_REL}
+        if contender.startswith("echo_") and contender != "echo_fixed":
+            assert args["fit_every"] == protocol.echo_fit_every and args["mode"] in ("plateau", "reverb_svd")
 
-    all_tuned = race.select_contenders(protocol, ["muon", "ord_gperp"], tune_all=True)
+    all_tuned, _ = race.select_contenders(protocol, ["muon", "ord_gperp"], tune_all=True)
     assert all(c.lr_from is None for c in all_tuned)
-    alone = race.select_contenders(protocol, ["ord_par1.0"], tune_all=False)  # its source is not racing
+    alone, _ = race.select_contenders(protocol, ["ord_par1.0"], tune_all=False)  # its source is not racing
     assert alone[0].lr_from is None
     with pytest.raises(ValueError, match="unknown contenders"):
         race.select_contenders(protocol, ["muon", "lion"], tune_all=False)
 
 
+def test_extend_grid_adds_one_point_beyond_the_edge():
+    grid = [0.01, 0.02, 0.04]
+    assert race.extend_grid(grid, [3.0, 2.0, 2.5]) is None  # interior
+    assert race.extend_grid(grid, [2.0, 2.1, 2.5]) == [0.005, 0.01, 0.02, 0.04]
+    assert race.extend_grid(grid, [3.0, 2.5, 2.0]) == [0.01, 0.02, 0.04, 0.08]
+    assert race.extend_grid([0.014, 0.02, 0.028], [3.0, 2.9, 2.8]) == [0.014, 0.02, 0.028, 0.039]
+    assert race.extend_grid(grid, [2.0, 2.5, math.inf]) == [0.005, 0.01, 0.02, 0.04]  # diverged runs lose
+
+
 def test_statistics_match_hand_computations():
-    a, b = [3.10, 3.14, 3.12], [3.20, 3.25, 3.21, 3.24]
-    t, p = race.welch_vs(a, b)
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    t_hand = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
-    assert t == pytest.approx(t_hand, rel=1e-12)
-    assert p == pytest.approx(2 * stats.t.sf(abs(t_hand), dof), rel=1e-9)
-    assert all(math.isnan(x) for x in race.welch_vs([3.0], b))
-    mean, std = race.mean_std(a)
-    assert mean == pytest.approx(3.12) and std == pytest.approx(0.02)
-    points = [runlog.ValPoint(0, 10.8, 0.0), runlog.ValPoint(20, 7.0, 2000.0), runlog.ValPoint(40, 6.5, 4100.0),
-              runlog.ValPoint(60, 6.4, 6000.0)]
-    assert race.to_target(points, 6.5) == (40, 4.1)
-    assert race.to_target(points, 6.0) == (None, None)
+    a, b = [3.10, 3.14, 3.12, 3.20, 3.05], [3.15, 3.16, 3.18, 3.24, 3.09]
+    out = race.paired_stats(a, b)
+    d = np.subtract(a, b)
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    assert out["n"] == 5 and out["mean_diff"] == pytest.approx(d.mean())
+    assert out["t"] == pytest.approx(d.mean() / se, rel=1e-12)
+    assert out["p"] == pytest.approx(2 * stats.t.sf(abs(d.mean() / se), 4), rel=1e-9)
+    half = stats.t.ppf(0.975, 4) * se
+    assert (out["ci_low"], out["ci_high"]) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+    partial = race.paired_stats([3.0, None, 3.2, math.inf], [3.1, 3.0, 3.1, 3.0])  # only complete pairs count
+    assert partial["n"] == 2 and partial["mean_diff"] == pytest.approx(0.0)
+    assert math.isnan(race.paired_stats([1.0], [2.0])["p"])
+    # Holm: sorted p times (m - i), running maximum, capped at 1
+    assert race.holm({"x": 0.01, "y": 0.04, "z": 0.03, "w": math.nan}) == \
+        {"x": pytest.approx(0.03), "y": pytest.approx(0.06), "z": pytest.approx(0.06), "w": pytest.approx(math.nan,
+                                                                                                           nan_ok=True)}
+    points = [runlog.ValPoint(0, 10.8, 0.0), runlog.ValPoint(20, 7.0, 2000.0), runlog.ValPoint(40, 6.0, 4100.0)]
+    assert race.steps_to_target(points, 6.5) == pytest.approx(30.0)  # halfway between 7.0 and 6.0
+    assert race.steps_to_target(points, 7.0) == 20.0 and race.steps_to_target(points, 5.0) is None
+
+
+def _results(adamw, muon):
+    return {name: {"final_val_loss": losses, "vs_muon": race.paired_stats(losses, muon) if name != "muon" else None,
+                   "family": "baseline"} for name, losses in (("adamw", adamw), ("muon", muon))}
+
+
+def test_controls_pass_and_fail_as_specified():
+    protocol = race.PROTOCOLS["cpu"]
+    muon = [2.30, 2.32, 2.29, 2.35, 2.31]
+    aa = [{"final_val_loss": x} for x in (2.31, 2.30, 2.33, 2.32, 2.30)]
+    interior = {"adamw": "interior", "muon": "interior"}
+    good = race.evaluate_controls(protocol, _results([2.45, 2.48, 2.44, 2.50, 2.47], muon), aa, interior)
+    assert good["positive"]["passed"] and good["aa"]["passed"] and good["tuning"]["passed"] and good["passed"]
+    tie = race.evaluate_controls(protocol, _results([2.31, 2.30, 2.30, 2.36, 2.30], muon), aa, interior)
+    assert not tie["positive"]["passed"] and not tie["passed"]
+    shifted = [{"final_val_loss": x + 0.1} for x in muon]  # a "Muon" that differs from Muon: the A/A check fails
+    assert not race.evaluate_controls(protocol, _results([2.45] * 5, muon), shifted, interior)["aa"]["passed"]
+    edge = race.evaluate_controls(protocol, _results([2.45, 2.48, 2.44, 2.50, 2.47], muon), aa,
+                                  {"adamw": "interior", "muon": "high edge"})
+    assert not edge["tuning"]["passed"] and "muon" in edge["tuning"]["why"] and not edge["passed"]
 
 
 def test_diagnostics_summary_pools_runs_and_skips_zero_weights(tmp_path):
@@ -116,43 +162,49 @@ def test_toy_protocol_end_to_end(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     protocol = race.PROTOCOLS["toy"]
 
-    # tuning: the chosen lr is the argmin of the tune-seed runs' final losses, read here from the logs
-    tune_losses = {lr: runlog.parse_log(runlog.log_path(str(logs), race.run_tag("muon", lr, 0))).final_val.loss
-                   for lr in protocol.lr_grids["muon"]}
-    best = min(tune_losses, key=tune_losses.get)
-    assert doc["chosen_lr"] == {"muon": best, "ord_par1.0": best}
-    # the seed-0 run at the chosen lr ran once (tuning), not again in the final stage
-    status = runlog.read_status(runlog.status_path(str(logs), race.run_tag("muon", best, 0)))
-    assert status["attempt"] == 1 and not list(logs.glob("*.attempt*"))
+    # tuning: a 2-point grid always has its best lr at an edge, so each grid grew by its one allowed point, and
+    # the chosen lr is the argmin of the tune-seed runs' final losses over the grown grid, read here from the logs
+    grids = json.loads((out / "grids.json").read_text())
+    for name in ("adamw", "muon"):
+        assert len(grids[name]) == 3 and set(protocol.lr_grids[name]) < set(grids[name])
+        losses = {lr: runlog.parse_log(runlog.log_path(str(logs), race.run_tag(name, lr, 0))).final_val.loss
+                  for lr in grids[name]}
+        assert doc["chosen_lr"][name] == min(losses, key=losses.get)
+    assert doc["chosen_lr"]["ord_par1.0"] == doc["chosen_lr"]["muon"]
 
-    # statistics recomputed from the logs
+    # per contender: the record's lists in seed order, recomputed from the logs, and the paired test vs Muon
     finals = {}
-    for name in ("muon", "ord_par1.0"):
-        res = doc["results"][name]
-        parsed = [runlog.parse_log(runlog.log_path(str(logs), race.run_tag(name, best, s))) for s in protocol.seeds]
-        losses = [log.final_val.loss for log in parsed]
-        finals[name] = losses
-        assert [r["final_val_loss"] for r in res["runs"]] == losses and res["n"] == 2
-        assert res["final_val_mean"] == pytest.approx(np.mean(losses))
-        assert res["final_val_std"] == pytest.approx(np.std(losses, ddof=1))
-        for run, log in zip(res["runs"], parsed):
-            hit = [p for p in log.val if p.loss <= doc["target"]]
-            assert run["steps_to_target"] == (hit[0].step if hit else None)
-    p_hand = stats.ttest_ind(finals["ord_par1.0"], finals["muon"], equal_var=False).pvalue
-    assert doc["results"]["ord_par1.0"]["vs_muon"]["p_value"] == pytest.approx(p_hand)
-
-    # ORD diagnostics written by train_gpt.py and pooled in the report
-    assert doc["diagnostics"]["ord_par1.0"]["files"] == 2
-    assert doc["diagnostics"]["ord_par1.0"]["by_step"]
-    # timing: shares in (0, 1), the parts add up to no more than the whole step
-    for t in doc["timing"].values():
+    for name in ("adamw", "muon", "ord_par1.0"):
+        res = doc["contenders"][name]
+        parsed = [runlog.parse_log(runlog.log_path(str(logs), race.run_tag(name, res["lr"], s)))
+                  for s in protocol.seeds]
+        finals[name] = [log.final_val.loss for log in parsed]
+        assert res["final_val_loss"] == finals[name] and res["seeds"] == list(protocol.seeds)
+        assert res["steps_to_target"] == [race.steps_to_target(log.val, doc["target"]) for log in parsed]
+        assert res["lr"] == doc["chosen_lr"][name]
+    for name in ("adamw", "ord_par1.0"):
+        p_hand = stats.ttest_rel(finals[name], finals["muon"]).pvalue
+        assert doc["contenders"][name]["p_vs_muon"] == pytest.approx(p_hand)
+    assert doc["contenders"]["muon"]["p_vs_muon"] is None
+    # the A/A control compares Muon with its runs on the other seeds; the controls decide what README.md shows
+    aa = [runlog.parse_log(runlog.log_path(str(logs), race.run_tag("muon", doc["chosen_lr"]["muon"], s))).final_val.loss
+          for s in protocol.aa_seeds]
+    assert doc["controls"]["aa"]["aa_final_val_loss"] == aa
+    assert set(doc["controls"]) == {"positive", "aa", "tuning", "passed"}
+    readme = (out / "README.md").read_text()
+    assert "## Controls" in readme and "launch_sweep.py" in readme
+    assert ("## Verdicts" in readme) == doc["controls"]["passed"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["diagnostics"]["ord_par1.0"]["files"] == 2 and doc["diagnostics"]["ord_par1.0"]["by_step"]
+    for t in doc["timing"].values():  # shares in (0, 1), the parts add up to no more than the whole step
         assert 0 < t["matrix_share"] < 1 and t["steps"] == protocol.timing_steps
         assert t["matrix_ms_mean"] + t["adam_ms_mean"] <= t["total_ms_mean"]
-    readme = (out / "README.md").read_text()
-    assert "`ord_par1.0`" in readme and "launch_sweep.py" in readme
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "ord_diagnostics.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "final.json").read_text())["seeds"] == list(protocol.seeds)
+    # resumable: a second call runs nothing new and writes the same numbers
+    runs_before = sorted(p.name for p in logs.glob("*.txt"))
+    assert race.main(["--protocol", "toy", "--out", str(out), "--log-dir", str(logs), "--stage", "report",
+                      "--flag", f"train_files={train}", "--flag", f"val_files={val}"]) == 0
+    assert sorted(p.name for p in logs.glob("*.txt")) == runs_before
+    assert json.loads((out / "results.json").read_text())["contenders"] == doc["contenders"]
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
@@ -160,6 +212,8 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "unknown contenders" in capsys.readouterr().err
     assert race.main(["--protocol", "toy", "--out", str(tmp_path), "--flag", "num_iterations"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+    assert race.main(["--protocol", "toy", "--out", str(tmp_path), "--contenders", "adamw"]) == 2
+    assert "Muon must race" in capsys.readouterr().err
 
 
 def test_timing_sequential_path_matches_the_interleaved_one(tmp_path):
@@ -169,7 +223,7 @@ def test_timing_sequential_path_matches_the_interleaved_one(tmp_path):
     train, val = _write_zipf_shards(tmp_path)
     toy = race.PROTOCOLS["toy"]
     flags = {**toy.flags, "train_files": train, "val_files": val}
-    contenders = race.select_contenders(toy, None, tune_all=False)
+    contenders, _ = race.select_contenders(toy, ["muon", "ord_par1.0"], tune_all=False)
     lrs = {"muon": 0.02, "ord_par1.0": 0.02}
     for protocol in (toy, replace(toy, cpu=False)):
         timing = race.time_optimizer_steps(protocol, contenders, lrs, flags, steps=2, warmup=1)

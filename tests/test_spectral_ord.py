@@ -251,3 +251,57 @@ def test_two_ranks_diagnostics_file(two_rank_run):
                               for g in G], dtype=torch.float64)
         expected = (rho_k.mean() ** 2 / (rho_k.var() / 2)).item()
         assert math.isclose(record["radial_snr"], expected, rel_tol=1e-3), (record["name"], record["radial_snr"])
+
+
+# ---- radial brake ---------------------------------------------------------------------------------------------
+def brake_reference(W, D, decay, outward, inward):
+    """Float64, per matrix: the step decay W + D with its radial part scaled by k, then the norm set to
+    decay ||W|| + k r ||W|| (r = <D, W> / ||W||^2, k = outward if r > 0 else inward)."""
+    r = frob(D, W) / frob(W, W)
+    k = torch.where(r > 0, torch.full_like(r, outward), torch.full_like(r, inward))
+    moved = decay * W + D + (k - 1) * r * W
+    norm_w = frob(W, W).sqrt()
+    return moved * (decay * norm_w + k * r * norm_w) / frob(moved, moved).sqrt()
+
+
+def braked_and_plain(W, G, lr=0.3, weight_decay=0.1, **brake):
+    """One step of SpectralORD (Muon's direction, momentum 0) with and without the brake; float64 weights."""
+    out = []
+    for options in (brake, {}):
+        (p,) = params = params_like([W])
+        opt = SpectralORD(params, lr=lr, momentum=0.0, weight_decay=weight_decay, **options)
+        set_grads(params, [G])
+        opt.step()
+        out.append(p.detach())
+    return out
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (2, 6, 10)], ids=["tall", "wide", "stack3d"])
+@pytest.mark.parametrize("radial", [-3.0, 3.0], ids=["outward", "inward"])
+@pytest.mark.parametrize("outward, inward", [(0.5, 1.0), (0.0, 0.25)])
+def test_radial_brake_matches_float64_reference(shape, radial, outward, inward):
+    """The braked step equals the float64 reference applied to the unbraked step D = W_plain - decay W; a
+    gradient along -W makes Muon's step outward, along +W inward."""
+    W, G = random_pair(shape, seed=9, radial=radial)
+    decay = 1 - 0.3 * 0.1
+    braked, plain = braked_and_plain(W, G, brake_outward=outward, brake_inward=inward)
+    D = plain - decay * W
+    r = frob(D, W) / frob(W, W)
+    assert bool((r > 0).all()) == (radial < 0)  # the case is the intended one for every matrix
+    torch.testing.assert_close(braked, brake_reference(W, D, decay, outward, inward), rtol=0, atol=1e-12)
+    # the norm moves by k times the radial part of the plain step: growth halved, shrinkage kept (or scaled)
+    k = outward if radial < 0 else inward
+    norm = frob(braked, braked).sqrt()
+    torch.testing.assert_close(norm, frob(W, W).sqrt() * (decay + k * r), rtol=1e-12, atol=0)
+
+
+def test_radial_brake_off_is_bit_identical_and_zero_weights_take_the_plain_step():
+    W, G = random_pair((2, 6, 10), seed=3, radial=-1.0)
+    braked, plain = braked_and_plain(W, G, brake_outward=1.0, brake_inward=1.0)
+    assert torch.equal(braked, plain)
+    W[1] = 0.0  # a zero-initialised projection has no radial direction
+    braked, plain = braked_and_plain(W, G, brake_outward=0.5)
+    torch.testing.assert_close(braked[1], plain[1], rtol=0, atol=1e-15)
+    assert not torch.allclose(braked[0], plain[0])
+    with pytest.raises(ValueError, match="brake_outward"):
+        SpectralORD(params_like([W]), brake_outward=1.5)

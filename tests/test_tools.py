@@ -269,7 +269,8 @@ def test_a_run_that_cannot_start_is_recorded_as_crashed(tmp_path):
     assert "could not start the run" in open(runlog.console_path(str(tmp_path), "x-s0")).read()
 
 
-def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher sets it only when the caller has not
     spec = tmp_path / "s.json"
     spec.write_text(json.dumps({**SPEC, "log_dir": str(tmp_path / "logs")}))
     assert launch_sweep.main([str(spec), "--dry-run", "--gpus", "8"]) == 0
@@ -286,6 +287,10 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     assert launch_sweep.main([str(spec), "--dry-run", "--cpu", "--only", "muon-*"]) == 0
     commands = [line for line in capsys.readouterr().out.splitlines() if "--nproc_per_node" in line]
     assert len(commands) == 4 and all(line.startswith("CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS=") for line in commands)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's setting is inherited, not overridden
+    assert launch_sweep.main([str(spec), "--dry-run", "--cpu", "--only", "muon-*"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "--nproc_per_node" in line]
+    assert len(commands) == 4 and not any("OMP_NUM_THREADS" in line for line in commands)
     assert launch_sweep.main([str(spec), "--gpus", "1"]) == 2  # the 2-GPU runs cannot fit: nothing starts
     assert "runs need 2 GPUs but 1 are available" in capsys.readouterr().err and not (tmp_path / "logs").exists()
 
@@ -464,7 +469,7 @@ def test_make_record_refuses_bad_input(tmp_path, capsys):
 TRAIN_GPT = os.path.join(ROOT, "train_gpt.py")
 # The smallest model train_gpt.py accepts with every feature on (a step takes a fraction of a second on a CPU).
 TINY_FLAGS = {
-    "preset": "cpu-tiny", "num_iterations": 3, "val_loss_every": 0, "report_unigram": False,
+    "preset": "cpu-tiny", "num_iterations": 3, "val_loss_every": 0, "report_baselines": False,
     "num_layers": 2, "model_dim": 32, "num_heads": 2, "head_dim": 16, "seq_len": 64, "micro_batch_tokens": 128,
     "batch_tokens": 256, "val_seq_len": 128, "val_tokens": 512, "skip_connections": "0:1",
     "long_window_layers": "0", "num_value_embeds": 1, "max_window_tokens": 64, "window_block": 16,
@@ -519,7 +524,7 @@ def test_sweep_end_to_end_on_cpu(tmp_path):
     assert "debug crash at step 1" in open(runlog.console_path(log_dir, "boom-s0")).read()
     for tag, lr in (("a-s0", 0.02), ("b-s0", 0.01)):
         log = runlog.parse_log(runlog.log_path(log_dir, tag))
-        assert log.final_val.step == 3 and log.config["lr"] == lr and log.config["report_unigram"] is False
+        assert log.final_val.step == 3 and log.config["lr"] == lr and log.config["report_baselines"] is False
         assert len(log.train) == 3 and math.isfinite(log.final_val.loss)
 
     spec["configs"][0] = {"tag": "boom"}  # fix the crashing config; same tag, so only it runs again

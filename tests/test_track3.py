@@ -280,7 +280,7 @@ def test_preset_is_the_baseline_recipe_and_parameter_count_matches_the_shapes():
 
 def tiny_track3_args(*extra):
     return ["--preset", "track3", "--off-benchmark", "--num-layers", "2", "--model-dim", "64", "--num-heads", "2",
-            "--head-dim", "32", "--vocab-size", "96", "--seq-len", "16", *extra]
+            "--head-dim", "32", "--vocab-size", "96", "--bos-id", "0", "--seq-len", "16", *extra]
 
 
 def reference_forward(params: dict, idx, num_heads: int, softcap: float = 15.0, scale: float = 0.12):
@@ -341,7 +341,7 @@ def test_forward_equals_a_minimal_reference_of_the_architecture():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 1 / p.shape[-1] ** 0.5) + (1.0 if p.ndim < 2 else 0))
     idx = torch.randint(0, 96, (3, 16))
     targets = torch.randint(0, 96, (3, 16))
-    masks = model.attention_masks(idx, 16, use_flex=False)
+    masks = model.attention_masks(idx, 16, 8, use_flex=False)
     assert masks == {"long": None, "short": None}  # no document mask, no window: plain causal
     logits = model(idx, None, masks)
     expected = reference_forward(dict(model.named_parameters()), idx, num_heads=2)
@@ -368,7 +368,8 @@ def test_optimizer_groups_are_the_baselines():
     assert groups[0.7] == ["embed.weight"] and groups[0.004] == ["head.weight"]
     assert groups[0.015] == sorted(n for n, p in model.named_parameters() if p.ndim < 2)
     assert "head.bias" in groups[0.015] and "embed_gain" in groups[0.015] and "blocks.1.attn.o_b" in groups[0.015]
-    assert {g["weight_decay"] for g in adam.param_groups} == {0.001} and adam.defaults["eps"] == 1e-10 / 524288
+    assert {g["weight_decay"] * g["weight_decay_mul"] for g in adam.param_groups} == {0.001}
+    assert adam.defaults["eps"] == 1e-10 / 524288
     muon = sorted(names[id(p)] for g in matrix.param_groups for p in g["params"])
     assert muon == sorted(n for n, p in model.blocks.named_parameters(prefix="blocks") if p.ndim == 2)
     assert len(muon) == 2 * 6 and {g["weight_decay"] * g["weight_decay_mul"] for g in matrix.param_groups} == {0.05}
@@ -399,7 +400,8 @@ def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
     data = ["--train-files", os.path.join(demo, "demo_train_*.bin"),
             "--val-files", os.path.join(demo, "demo_val_*.bin")]
     refused = [["--num-layers", "2"], ["--batch-tokens", "262144"], ["--no-linear-bias"], ["--seq-len", "2048"],
-               ["--val-loss-target", "3.3"], data]
+               ["--val-loss-target", "3.3"], ["--val-seq-len", "1000"], ["--mtp-weights", "1,0.5"],
+               ["--pack-documents"], ["--smear"], data]
     for flags in refused:
         with pytest.raises(ConfigError, match="would leave the benchmark") as info:
             validate_config(parse_config(["--preset", "track3", *flags]), 1)
@@ -407,7 +409,9 @@ def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
     # free: the optimizer and its settings, schedules, init, steps, memory splits, validation cadence
     free = parse_config(["--preset", "track3", "--optimizer", "spectral_ord", "--optimizer-args", "spectral_lr_mul=1",
                          "--lr", "0.02", "--weight-decay", "0", "--num-iterations", "3000", "--hidden-init", "uniform",
-                         "--micro-batch-tokens", "32768", "--val-batch-rows", "16", "--val-loss-every-late", "50"])
+                         "--micro-batch-tokens", "32768", "--val-seq-len", "16384", "--val-loss-every-late", "50",
+                         "--scalar-weight-decay-mul", "0", "--cautious-weight-decay",
+                         "--momentum-cooldown-steps", "50"])
     assert track3.preset_problems(free) == [] and track3.benchmark_deviations(free) == []
     # --off-benchmark lets the run start and the log says what changed
     off = parse_config(["--preset", "track3", "--num-layers", "2", "--off-benchmark"])
@@ -422,6 +426,64 @@ def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
     assert train_gpt.main(["--preset", "track3", "--num-layers", "2", "--log-dir", str(tmp_path)]) == 2
     assert "--num-layers 2: the run would leave the benchmark" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_dry_run_prints_the_benchmark_statement_config_and_schedule(monkeypatch, capsys):
+    import train_gpt
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_gpt.main(["--preset", "track3", "--dry-run"]) == 0  # no FineWeb here: the dry run reads no data
+    out = capsys.readouterr().out
+    config = json.loads(out[len("config: "):out.index("\n\npreset track3:")])
+    assert (config["num_iterations"], config["batch_tokens"], config["num_layers"], config["model_dim"]) == (
+        3250, 524288, 12, 768)
+    statement = next(line for line in out.splitlines() if line.startswith("benchmark: optimizer benchmark"))
+    for text in ("3250 steps", "524288 tokens/step", "12 layers", "d 768", "target val loss 3.28"):
+        assert text in statement
+    assert "preset track3: 3250 steps, world size 1, 8 accumulation step(s)" in out
+    # the schedule: lr flat to step 975 (975 / 3250 = 0.3), then linear to 0; one batch size, no window to change
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit() or line.startswith("final val")]
+    assert [r[0] for r in rows] == ["0-975", "976-3249", "final"]
+    assert rows[0][1:4] == ["524,288", "8", "x"] and rows[1][5] == "1.000->0.000"
+    assert "transition steps: [0]" in out
+    assert "every 125 steps, every 25 from step 2925 (val_late_start 0.9) and at the end: 38 validations" in out
+    # a flag that leaves the benchmark: refused before anything is printed, unless --off-benchmark
+    assert train_gpt.main(["--preset", "track3", "--dry-run", "--num-layers", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "would leave the benchmark" in captured.err and captured.out == ""
+    assert train_gpt.main(["--preset", "track3", "--dry-run", "--num-layers", "2", "--off-benchmark"]) == 0
+    assert "benchmark: OFF the optimizer benchmark (--off-benchmark): changed --num-layers 2" in capsys.readouterr().out
+
+
+def test_plain_causal_attention_runs_several_rows_per_forward_on_cuda(monkeypatch, demo_data_dir):
+    """Without a document mask or window, the one-row rule of FlexAttention does not apply: the CUDA checks accept
+    64 training rows per forward, and validation scores rows of seq_len on the FlexAttention path too."""
+    import torch
+
+    import config as config_module
+    import train_gpt
+    from config import ConfigError, parse_config, validate_config
+    from model import GPT
+
+    monkeypatch.setattr(config_module.torch.cuda, "is_available", lambda: True)
+    cfg = parse_config(["--preset", "track3", "--device", "cuda"])
+    assert validate_config(cfg, 8, check_data=False) == 1
+    masked = parse_config(["--preset", "track3", "--device", "cuda", "--doc-mask", "--off-benchmark"])
+    with pytest.raises(ConfigError, match="one row per forward"):
+        validate_config(masked, 8, check_data=False)
+    monkeypatch.undo()
+    val_files = os.path.join(demo_data_dir, "demo_val_*.bin")
+    small = parse_config(tiny_track3_args("--vocab-size", "50304", "--seq-len", "64", "--val-seq-len", "256",
+                                          "--val-tokens", "1024", "--val-files", val_files))
+    torch.manual_seed(0)
+    model = GPT(small)
+    with torch.no_grad():  # a non-trivial model (the init zeroes the projections and the head)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    device = torch.device("cpu")
+    flex_path = train_gpt.evaluate(model, small, 0, 0, 1, device, use_flex=True)
+    dense_path = train_gpt.evaluate(model, small, 0, 0, 1, device, use_flex=False)
+    assert flex_path == pytest.approx(dense_path, rel=1e-6) and 5 < flex_path < 20
 
 
 @pytest.fixture(scope="module")
@@ -450,7 +512,7 @@ def test_tiny_run_of_the_preset_recipe(tmp_path, chain_shards):
     train_files, val_files = chain_shards
     args = tiny_track3_args() + [
         "--vocab-size", "512", "--seq-len", "64", "--micro-batch-tokens", "256", "--batch-tokens", "512",
-        "--val-seq-len", "64", "--val-batch-rows", "4", "--val-tokens", "2048", "--train-files", train_files,
+        "--val-seq-len", "256", "--val-tokens", "2048", "--train-files", train_files,
         "--val-files", val_files, "--num-iterations", "30", "--val-loss-every", "10", "--val-loss-every-late", "4",
         "--val-late-start", "0.75", "--val-loss-target", "3.5", "--no-compile", "--warmup-steps", "0",
         "--run-id", "tiny", "--log-dir", str(tmp_path)]
@@ -480,7 +542,6 @@ def test_tiny_run_of_the_preset_recipe(tmp_path, chain_shards):
 def test_gpu_cost_script_runs_small_on_the_cpu(tmp_path):
     """bench/track3_step_cost.py (what bench/gpu_track3.sh runs on one GPU) at its tiny size, so it cannot rot."""
     import subprocess
-    import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", TRACK3_SIZE="tiny", TIMED_STEPS="3")
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_track3.sh"), str(tmp_path)], env=env,

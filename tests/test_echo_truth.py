@@ -1,0 +1,108 @@
+"""The truth study (echo_truth.py, spectral_probe.py --truth): its truth and errors against direct computations
+on synthetic replicas with a known gradient, and the command line end to end on a tiny checkpoint."""
+import json
+import math
+
+import pytest
+import torch
+
+import echo_truth
+import spectral_probe
+from optimizers import reverb
+from optimizers.muon import muon_update
+from tests.synthetic import spiked
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small float64 SVDs
+
+
+def test_momentum_input_is_muons():
+    gen = torch.Generator().manual_seed(0)
+    g, buf = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    for nesterov in (True, False):
+        expected = muon_update(g, buf.clone(), 0.9, nesterov)
+        torch.testing.assert_close(echo_truth.momentum_input(g, buf, 0.9, nesterov), expected)
+
+
+def test_truth_accumulator_keeps_two_halves():
+    acc = echo_truth.TruthAccumulator()
+    for k in range(6):
+        acc.add({"w": torch.full((2, 3), float(k))})
+    a, b = acc.half_means("w")
+    torch.testing.assert_close(a, torch.full((2, 3), 2.0, dtype=torch.float64))  # replicates 0, 2, 4
+    torch.testing.assert_close(b, torch.full((2, 3), 3.0, dtype=torch.float64))  # replicates 1, 3, 5
+
+
+def test_truth_for_a_known_gradient_matches_direct_computations():
+    M, N = 20, 40
+    gen = torch.Generator().manual_seed(1)
+    G = spiked(M, N, [8.0, 5.0, 3.5], math.sqrt(N), gen)
+    R = G + torch.randn(8, M, N, generator=gen, dtype=torch.float64)
+    buf = G + 0.3 * torch.randn(M, N, generator=gen, dtype=torch.float64)
+    recs = echo_truth.truth_for_matrix(R, G, G, buf, 0.9, True, k_list=(4, 8), plot_k=8)
+    assert [(r["K"], r["atoms"]) for r in recs] == [(K, a) for K in (4, 8) for a in echo_truth.KINDS]
+    by = {(r["K"], r["atoms"]): r for r in recs}
+    for r in recs:  # halves equal to G: the truth has no noise of its own
+        assert all(v == 0 or math.isnan(v) for v in r["floor"]["zeta"].values())  # NaN: an empty region
+        assert r["regions"]["top"] >= 3 and sum(r["regions"].values()) == M
+    # the truth of each kind is true_echo of that kind's matrix
+    X = echo_truth.momentum_input(R.mean(0), buf, 0.9, True)
+    torch.testing.assert_close(by[8, "momentum"]["curves"]["zeta_true"], reverb.true_echo(X, G)["zeta"])
+    torch.testing.assert_close(by[8, "replica"]["curves"]["zeta_true"], reverb.true_echo(R[0], G)["zeta"])
+    # errors are those of the estimate against that truth, by region
+    est = reverb.reverb_echo(R, "none", "fieller")["zeta"]
+    truth = reverb.true_echo(R[0], G)["zeta"]
+    top = truth >= 0.5 * truth.max()
+    assert by[8, "replica"]["zeta"][echo_truth.USERS_OPTIMIZER]["top"]["rmse"] == pytest.approx(
+        float((est - truth)[top].pow(2).mean().sqrt()), rel=1e-9)
+    # the amplitude estimates are optimizers/echo.py's cross-projections at each operating point
+    from optimizers import echo
+    torch.testing.assert_close(echo_truth.amplitude_estimate(R, "mean", buf, 0.9, True),
+                               echo.estimate_echo(R, leave_one_out=True).mean_curve()[1])
+    torch.testing.assert_close(echo_truth.amplitude_estimate(R, "replica", buf, 0.9, True),
+                               echo.cross_project(R[:1], R[1:]).echo)
+    torch.testing.assert_close(echo_truth.amplitude_estimate(R, "momentum", buf, 0.9, False),  # echo.py: no Nesterov
+                               echo.cross_project(R[:4], R[4:], momentum_buffer=buf, momentum=0.9).echo)
+    # separated spikes, isotropic noise: the reverb is good on the top atoms, msign is ~1 off in the bulk
+    assert by[8, "replica"]["zeta"]["reverb:greedy_mean:fieller"]["top"]["rmse"] < 0.1
+    assert by[8, "replica"]["zeta"]["msign"]["bulk"]["rmse"] > 0.8
+    # cross-projection of replica 0's atoms with the other 7 is unbiased: small error on the strong atoms
+    assert by[8, "replica"]["amplitude"]["cross_projection"]["top"]["rmse"] < 0.05
+    assert by[8, "mean"]["plateau"]["true_top"] == pytest.approx(
+        float(reverb.true_echo(R.mean(0), G)["zeta"][:echo_truth.PLATEAU_TOP].median()))
+
+
+@pytest.mark.slow
+def test_truth_command_line_end_to_end(tmp_path):
+    from tests.test_train_gpt import TINY_ARGS, run_train_gpt
+    from data.shards import write_shard
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in (("syn_val_000000.bin", 4096), ("syn_train_000001.bin", 20000)):
+        write_shard(str(tmp_path / name), rng.integers(0, 50000, size=n).astype(np.uint16))
+    run_train_gpt([*TINY_ARGS, "--train-files", str(tmp_path / "syn_train_*.bin"),
+                   "--val-files", str(tmp_path / "syn_val_*.bin"), "--num-iterations", "3", "--val-loss-every", "0",
+                   "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), "--run-id", "t",
+                   "--log-dir", str(tmp_path)])
+    ckpts = [str(tmp_path / "ckpt" / "t" / "step_000002")]
+    out = tmp_path / "truth"
+    args = ["--truth", "--checkpoint", *ckpts, "--out", str(out), "--truth-replicates", "8", "--k-list", "4",
+            "--plot-k", "4", "--layers", "1"]
+    assert spectral_probe.main(args) == 0
+    recs = [json.loads(line) for line in open(out / "truth.jsonl")]
+    assert {r["step"] for r in recs} == {2} and {r["atoms"] for r in recs} == set(echo_truth.KINDS)
+    assert {r["type"] for r in recs} >= {"q", "k", "v", "o", "mlp_in", "mlp_out"}
+    text = (out / "summary.md").read_text()
+    for phrase in ("Enough replicates", "Alignment", "monotone", "O(1) constants", "stable over training"):
+        assert phrase in text
+    assert (out / "truth_step2.png").exists()
+    assert json.load(open(out / "meta.json"))["n_truth"] == 8
+    assert spectral_probe.main(["--summarize", str(out)]) == 0  # rebuilt from the JSONL alone
+    # bad input: a clear error (exit 2) before any work
+    for bad, message in ((["--k-list", "2,8"], "k-list"), (["--truth-replicates", "7"], "even"),
+                         (["--plot-k", "16"], "plot-k")):
+        with pytest.raises(SystemExit) as exc:
+            spectral_probe.main([*args, *bad])
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        spectral_probe.main(["--truth", "--checkpoint", str(tmp_path), "--out", str(out)])  # not a checkpoint
