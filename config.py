@@ -136,9 +136,16 @@ class Hyperparameters:
     value_embed_weight_decay_mul: float = 1.0  # value embeddings and the second embedding
     scalar_weight_decay_mul: float = 0.0  # the scalar group: biases, norm gains, lambdas (track 3's AdamW: 1.0)
     adam_step_every: int = 1  # Adam steps on every k-th step, on the summed gradients (record 18: 2, odd steps)
+    bf16_storage: bool = False  # embeddings, head and gates stored in bf16, Adam moments in bf16 (record 18; CUDA only)
+
+    # speed
+    overlap_comm: bool = True  # Adam reduces inside backward, the matrix optimizer's reductions start before Adam's
+    #                            update (bit-identical results; off: every reduction starts in its optimizer's step)
+    log_flush_every: int = 50  # per-step losses stay on the device; the log's step lines are written every N steps
 
     # loop
-    warmup_steps: int = 10  # untimed steps on random tokens to compile; model and optimizers restored after
+    warmup_steps: int = 10  # untimed compile warm-up on random tokens (0: none): steps 0..N-1, every schedule
+    #                         transition and the steps on either side (schedules.warmup_plan); state restored after
     val_loss_every: int = 125  # 0: only at the end
     val_loss_every_late: int = 0  # from step val_late_start * num_iterations on, validate this often instead (0: off)
     val_late_start: float = 0.9
@@ -385,7 +392,7 @@ class ConfigError(ValueError):
 
 POSITIVE_INTS = ("seq_len", "micro_batch_tokens", "batch_tokens", "val_seq_len", "val_tokens", "vocab_size",
                  "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "window_block", "max_doc_tokens",
-                 "gate_dims", "num_iterations", "print_every", "max_window_tokens")
+                 "gate_dims", "num_iterations", "print_every", "max_window_tokens", "log_flush_every")
 NON_NEGATIVE_INTS = ("cpu_threads", "extension_steps", "val_loss_every", "val_loss_every_late", "checkpoint_every",
                      "warmup_steps", "momentum_warmup_steps", "momentum_cooldown_steps", "num_value_embeds",
                      "short_window_max_blocks", "extension_window_blocks", "final_window_blocks",
@@ -512,6 +519,9 @@ def _check_schedules(cfg: Hyperparameters, world_size: int, check_device: bool) 
     if not cfg.pack_documents and cfg.micro_batch_tokens % cfg.seq_len:
         problems.append(f"micro_batch_tokens ({cfg.micro_batch_tokens}) must be a multiple of seq_len ({cfg.seq_len})")
     uses_cuda = check_device and (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()))
+    if cfg.bf16_storage and (cfg.device == "cpu" or (check_device and not uses_cuda)):
+        problems.append("--bf16-storage stores embeddings, head and gates in bf16 for CUDA's bf16 autocast; the CPU "
+                        "path is fp32: drop it or add --no-bf16-storage")
     from attention import needs_masks  # without masks: plain causal attention within each row, any rows per forward
 
     if uses_cuda and needs_masks(cfg) and not cfg.pack_documents and cfg.micro_batch_tokens != cfg.seq_len:

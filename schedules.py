@@ -264,6 +264,17 @@ def transition_steps(cfg: Hyperparameters) -> list[int]:
     return steps
 
 
+def warmup_plan(cfg: Hyperparameters) -> list[int]:
+    """The steps the untimed compile warm-up runs, in order: steps 0..warmup_steps-1 together with every transition
+    step and the steps on either side of it (as record 18 does), within the run; [] when warmup_steps is 0.
+    Every graph the timed steps need is then compiled before the clock starts."""
+    if cfg.warmup_steps <= 0:
+        return []
+    steps = set(range(min(cfg.warmup_steps, cfg.num_iterations)))
+    steps |= {s + offset for s in transition_steps(cfg) for offset in (-1, 0, 1)}
+    return sorted(s for s in steps if 0 <= s < cfg.num_iterations)
+
+
 # -----------------------------------------------------------------------------------------------
 # The --dry-run table
 

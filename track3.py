@@ -188,6 +188,9 @@ FREE_FIELDS = (
     "embed_head_weight_decay_mul", "value_embed_weight_decay_mul", "scalar_weight_decay_mul", "adam_step_every",
     "warmup_steps", "val_loss_every", "val_loss_every_late", "val_late_start", "print_every", "checkpoint_every",
     "checkpoint_dir", "resume", "report_baselines", "debug_crash_at_step", "dry_run", "off_benchmark",
+    # speed and storage: bit-identical reductions, log buffering; bf16 storage of embeddings, head and Adam moments
+    # (upstream stores its embedding in bf16 too)
+    "overlap_comm", "log_flush_every", "bf16_storage",
 )
 
 

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import math
 import os
 import platform
 import shutil
@@ -37,7 +36,8 @@ import track3  # noqa: E402
 from attention import needs_masks  # noqa: E402
 from model import GPT  # noqa: E402
 from schedules import (format_schedule_table, forwards_per_step, schedule_at, short_window_tokens,  # noqa: E402
-                       untie_step, validation_due)
+                       untie_step, validation_due, warmup_plan)
+from train_log import BufferedStepLog  # noqa: E402
 # re-exported: spectral_probe.py and bench/optimizer_race.py run their own steps with the loop's schedules
 from schedules import lr_multiplier, momentum_at, window_tokens_at  # noqa: E402,F401
 
@@ -89,7 +89,7 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | N
 
     adam = DistAdam(adam_groups, lr=cfg.scalar_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                     weight_decay=cfg.adam_weight_decay, cautious_weight_decay=cfg.cautious_weight_decay,
-                    step_every=cfg.adam_step_every)
+                    step_every=cfg.adam_step_every, state_dtype=torch.bfloat16 if cfg.bf16_storage else None)
     kwargs = parse_optimizer_args(cfg.optimizer_args)
     if "param_names" in accepted:
         kwargs.setdefault("param_names", [name for role in MATRIX_ROLES for name, _ in roles.get(role, [])])
@@ -103,6 +103,22 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | N
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return [adam, matrix]
+
+
+# record 18 keeps these in bf16 (its nn.Embedding and nn.Linear weights); hidden matrices and scalars stay fp32
+BF16_STORAGE_ROLES = ("embed", "value_embed", "second_embed", "head", "vector_gate", "gate")
+
+
+@torch.no_grad()
+def apply_bf16_storage(model: GPT) -> list[str]:
+    """--bf16-storage: store the embeddings, the head and the gates in bf16 (in place: the Parameter objects stay,
+    so call it before building the optimizers). Returns the names of the converted parameters."""
+    converted = []
+    for role in BF16_STORAGE_ROLES:
+        for name, p in model.parameter_roles().get(role, []):
+            p.data = p.data.to(torch.bfloat16)
+            converted.append(name)
+    return converted
 
 
 @torch.no_grad()
@@ -331,11 +347,6 @@ def steps_to_target_line(val_losses: dict[int, float], target: float) -> str:
     return f"steps to target val_loss {target:g}: not reached (best {min(val_losses.values()):.4f})"
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def make_train_loader(cfg: Hyperparameters, rank: int, world_size: int, device: torch.device):
     """A loader with next_batch(tokens) -> this rank's (inputs, targets) of one forward: documents packed into one
     row of `tokens` (--pack-documents), or rows of seq_len tokens (then `tokens` is always micro_batch_tokens),
@@ -350,6 +361,101 @@ def make_train_loader(cfg: Hyperparameters, rank: int, world_size: int, device: 
                                   device=device, sample_seed=cfg.seed if cfg.sample_rows else None)
 
 
+def compile_model(cfg: Hyperparameters, model: GPT):
+    """torch.compile(model) with cfg.compile (one graph per schedule transition: batch size, MTP stage, tie state;
+    and one for validation), else the model itself."""
+    if not cfg.compile:
+        return model
+    import torch._dynamo as dynamo
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    return torch.compile(model, dynamic=False)
+
+
+def batch_source(cfg: Hyperparameters, loader):
+    """next_batch(tokens) -> this rank's (inputs, targets) of one forward. The row loader's forwards are always
+    micro_batch_tokens (validate_config refuses a batch schedule with it)."""
+    return loader.next_batch if cfg.pack_documents else (lambda tokens: loader.next_batch())
+
+
+def make_train_step(cfg: Hyperparameters, model: GPT, step_model, optimizers: list[torch.optim.Optimizer],
+                    device: torch.device, accum_steps: int):
+    """train_step(step, next_batch) -> this rank's mean train loss per target token over the step's forwards, a 0-D
+    device tensor that nothing waits on. `step` is the 0-based count of steps done; next_batch(tokens) gives one
+    forward's (inputs, targets).
+
+    With cfg.overlap_comm, Adam's gradients are reduced inside the last forward's backward (DistAdam's hooks) and
+    the matrix optimizer's reductions are launched as soon as backward ends, before Adam's update runs; the
+    results are bit-identical to starting every reduction in step() (tests/test_optimizers.py)."""
+    adam, matrix = optimizers
+    arm, launch = None, None
+    if cfg.overlap_comm:
+        adam.register_grad_hooks()
+        arm, launch = adam.arm_grad_hooks, getattr(matrix, "launch_reductions", None)
+    # optimizers that estimate gradient noise (spectral_echo) take each micro-batch's gradient as a replicate
+    record_replicate = getattr(matrix, "add_replicate_gradients", None)
+    use_flex = device.type == "cuda"
+    forwards, split_step = forwards_per_step(cfg), untie_step(cfg)
+
+    def train_step(step: int, next_batch) -> torch.Tensor:
+        schedule = schedule_at(cfg, step)
+        model.apply_schedule(schedule)
+        mtp = torch.tensor(schedule.mtp_weights, device=device) if len(schedule.mtp_weights) > 1 else None
+        loss_sum = torch.zeros((), device=device)
+        for i in range(accum_steps):
+            inputs, targets = next_batch(schedule.tokens // forwards)
+            if arm is not None and i == accum_steps - 1:
+                arm()  # Adam's reductions start inside this backward
+            with autocast(device):
+                loss = step_model(inputs, targets, model_masks(step_model, inputs, schedule.long_window, use_flex), mtp)
+            (loss / accum_steps).backward()
+            if record_replicate is not None:
+                record_replicate()
+            loss_sum += loss.detach().float() / (targets.numel() if cfg.sum_train_loss else 1)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * schedule.lr_mult
+        for group in matrix.param_groups:
+            group["momentum"] = schedule.momentum
+        if launch is not None:
+            launch()  # the matrix reductions run while Adam updates
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if step == split_step:
+            untie_embedding(model, adam)
+        return loss_sum / accum_steps
+
+    return train_step
+
+
+def run_warmup(cfg: Hyperparameters, model: GPT, optimizers: list[torch.optim.Optimizer], train_step,
+               device: torch.device, log: RunLog) -> list[int]:
+    """Untimed compile warm-up: train_step at every step of schedules.warmup_plan (every schedule transition and
+    the steps on either side) on random tokens, then the model and optimizer states put back. Returns the steps."""
+    plan = warmup_plan(cfg)
+    if not plan:
+        return plan
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    rows = 1 if cfg.pack_documents else cfg.micro_batch_tokens // cfg.seq_len  # rows per forward
+
+    def random_batch(tokens: int):
+        x = torch.randint(0, cfg.vocab_size, (rows, tokens // rows + 1), generator=gen).to(device)
+        return x[:, :-1], x[:, 1:]
+
+    t0 = time.perf_counter()
+    for i, step in enumerate(plan):
+        train_step(step, random_batch)
+        log.write(f"warm-up step {i} (schedule step {step}): {time.perf_counter() - t0:.1f}s")  # compiles show
+    model.load_state_dict(saved_model)
+    for opt, state in zip(optimizers, saved_opts):
+        opt.load_state_dict(state)
+    log.write(f"warm-up: {len(plan)} untimed steps in {time.perf_counter() - t0:.1f}s (state restored; every "
+              f"schedule transition and the steps on either side)")
+    return plan
+
+
 def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     """Runs the whole job. Returns {"val_losses": {step: loss}, "train_losses": {step: loss}, "log_path": ...}.
     status (optional) receives "log_path" as soon as it is known, so a caller can report a failure into the log."""
@@ -361,7 +467,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         resume_meta = load_checkpoint_meta(cfg.resume)
         saved = Hyperparameters(**resume_meta["config"])
         # a resumed run keeps its identity and recipe; only loop-control fields may change
-        keep = {"resume", "num_iterations", "checkpoint_every", "checkpoint_dir", "print_every",
+        keep = {"resume", "num_iterations", "checkpoint_every", "checkpoint_dir", "print_every", "log_flush_every",
                 "debug_crash_at_step", "log_dir"}
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep})
         if resume_meta["world_size"] != world_size:
@@ -396,67 +502,18 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     statement = track3.benchmark_statement(cfg)
     if statement:
         log.write(statement)
+    if cfg.bf16_storage:
+        log.write(f"bf16 storage (Adam moments in bf16 too): {', '.join(apply_bf16_storage(model))}")
     diagnostics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.{cfg.optimizer}.jsonl")
     optimizers = build_optimizers(model, cfg, diagnostics_path)
     if getattr(optimizers[1], "diagnostics_path", None):
         log.write(f"optimizer diagnostics: {optimizers[1].diagnostics_path}")
-    # optimizers that estimate gradient noise (spectral_echo) take each micro-batch's gradient as a replicate
-    record_replicate = getattr(optimizers[1], "add_replicate_gradients", None)
     use_flex = device.type == "cuda"
-    # rows per forward (1 on CUDA unless attention is plain causal: validate_config)
-    rows = 1 if cfg.pack_documents else cfg.micro_batch_tokens // cfg.seq_len
     loader = make_train_loader(cfg, rank, world_size, device)
-    if cfg.compile:  # one graph per schedule transition (batch size, MTP stage, tie state) and for validation
-        import torch._dynamo as dynamo
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-    step_model = torch.compile(model, dynamic=False) if cfg.compile else model
-    forwards, split_step = forwards_per_step(cfg), untie_step(cfg)
-
-    def train_step(step: int, next_batch) -> torch.Tensor:
-        """One optimizer step at `step` (0-based count of steps done); next_batch(tokens) gives this rank's
-        (inputs, targets) of one forward. Returns the rank-mean train loss per target token."""
-        schedule = schedule_at(cfg, step)
-        model.apply_schedule(schedule)
-        mtp = torch.tensor(schedule.mtp_weights, device=device) if len(schedule.mtp_weights) > 1 else None
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum_steps):
-            inputs, targets = next_batch(schedule.tokens // forwards)
-            with autocast(device):
-                loss = step_model(inputs, targets, model_masks(step_model, inputs, schedule.long_window, use_flex), mtp)
-            (loss / accum_steps).backward()
-            if record_replicate is not None:
-                record_replicate()
-            loss_sum += loss.detach().float() / (targets.numel() if cfg.sum_train_loss else 1)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * schedule.lr_mult
-        for group in optimizers[1].param_groups:
-            group["momentum"] = schedule.momentum
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if step == split_step:
-            untie_embedding(model, optimizers[0])
-        return mean_over_ranks(loss_sum / accum_steps, world_size)
-
-    if cfg.warmup_steps > 0 and resume_meta is None:
-        # untimed: compile and autotune on random tokens, then put everything back as it was
-        saved_model = copy.deepcopy(model.state_dict())
-        saved_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-
-        def random_batch(tokens: int):
-            x = torch.randint(0, cfg.vocab_size, (rows, tokens // rows + 1), generator=gen).to(device)
-            return x[:, :-1], x[:, 1:]
-
-        t0 = time.perf_counter()
-        for i in range(cfg.warmup_steps):
-            train_step(i % max(cfg.num_iterations, 1), random_batch)
-            log.write(f"warm-up step {i}: {time.perf_counter() - t0:.1f}s")  # compile time shows at transitions
-        model.load_state_dict(saved_model)
-        for opt, state in zip(optimizers, saved_opts):
-            opt.load_state_dict(state)
-        log.write(f"warm-up: {cfg.warmup_steps} untimed steps in {time.perf_counter() - t0:.1f}s (state restored)")
+    step_model = compile_model(cfg, model)
+    train_step = make_train_step(cfg, model, step_model, optimizers, device, accum_steps)
+    if resume_meta is None:
+        run_warmup(cfg, model, optimizers, train_step, device, log)
 
     start_step, train_time_ms = 0, 0.0
     if resume_meta is not None:
@@ -470,8 +527,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
             torch.cuda.set_rng_state(shard["rng_cuda"])
         start_step, train_time_ms = resume_meta["step"], resume_meta["train_time_ms"]
 
-    # the row loader's forwards are always micro_batch_tokens (validate_config refuses a batch schedule with it)
-    next_batch = loader.next_batch if cfg.pack_documents else (lambda tokens: loader.next_batch())
+    next_batch = batch_source(cfg, loader)
 
     def checkpoint(step: int, tag: str | None = None):
         path = os.path.join(cfg.checkpoint_dir, cfg.run_id, tag or f"step_{step:06d}")
@@ -479,48 +535,60 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
         log.write(f"checkpoint saved to {path}")
         return path
 
-    val_losses, train_losses = {}, {}
+    val_losses = {}
     total = cfg.num_iterations
+    steps_log = BufferedStepLog(log, total, device, world_size, flush_every=cfg.log_flush_every,
+                                print_every=cfg.print_every, first_step=start_step + 1)
+
+    def write_step_lines(done: int) -> None:
+        """The buffered step lines into the log (a device sync); stop on a non-finite loss among them."""
+        bad = steps_log.flush()
+        if bad is not None:
+            stop_on_non_finite(*bad, done)
+
+    def stop_on_non_finite(bad_step: int, loss: float, done: int) -> None:
+        msg = f"non-finite train loss ({loss}) at step {bad_step}; stopping"
+        if cfg.checkpoint_every > 0:  # the losses are read every log_flush_every steps: the state is of step `done`
+            msg += f"; state after step {done} kept in {checkpoint(done, tag=f'step_{done:06d}_nonfinite')}"
+        log.write(f"error: {msg}")
+        raise FloatingPointError(msg + " (lower --lr or check the data)")
+
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for step in range(start_step, total + 1):
-        last = step == total
-        if validation_due(cfg, step) and not (resume_meta is not None and step == start_step):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
-            val_loss = evaluate(step_model, cfg, step, rank, world_size, device, use_flex)
-            val_losses[step] = val_loss
-            avg = f"{train_time_ms / step:.2f}" if step > 0 else "nan"
-            log.write(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms step_avg:{avg}ms")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        if last:
-            break
-        if cfg.checkpoint_every > 0 and step > start_step and step % cfg.checkpoint_every == 0:
-            train_time_ms += 1000 * (time.perf_counter() - t0)
-            checkpoint(step)
-            t0 = time.perf_counter()
-        if step == cfg.debug_crash_at_step:
-            raise RuntimeError(f"debug crash at step {step} (--debug-crash-at-step)")
+    with steps_log:  # an exception still writes every finished step's line
+        for step in range(start_step, total + 1):
+            last = step == total
+            if validation_due(cfg, step) and not (resume_meta is not None and step == start_step):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
+                write_step_lines(step)
+                val_loss = evaluate(step_model, cfg, step, rank, world_size, device, use_flex)
+                val_losses[step] = val_loss
+                avg = f"{train_time_ms / step:.2f}" if step > 0 else "nan"
+                log.write(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                          f"step_avg:{avg}ms")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            if last:
+                break
+            if cfg.checkpoint_every > 0 and step > start_step and step % cfg.checkpoint_every == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the queued steps finish inside the clock
+                train_time_ms += 1000 * (time.perf_counter() - t0)
+                write_step_lines(step)
+                checkpoint(step)
+                t0 = time.perf_counter()
+            if step == cfg.debug_crash_at_step:
+                raise RuntimeError(f"debug crash at step {step} (--debug-crash-at-step)")
 
-        train_loss = train_step(step, next_batch).item()
-        if not math.isfinite(train_loss):
-            msg = f"non-finite train loss ({train_loss}) at step {step + 1}; stopping"
-            if cfg.checkpoint_every > 0:
-                msg += f"; state kept in {checkpoint(step + 1, tag=f'step_{step + 1:06d}_nonfinite')}"
-            log.write(f"error: {msg}")
-            raise FloatingPointError(msg + " (lower --lr or check the data)")
-        train_losses[step + 1] = train_loss
-        now_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
-        step_avg = now_ms / (step + 1)
-        line = f"step:{step + 1}/{total} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms step_avg:{step_avg:.2f}ms"
-        log.write(line, console=False)
-        if master and ((step + 1) % cfg.print_every == 0 or step + 1 == total or step == start_step):
-            eta = format_duration(step_avg * (total - step - 1) / 1000)
-            print(f"{line} eta:{eta}", flush=True)
+            loss = train_step(step, next_batch)  # stays on the device: no host sync per step
+            now_ms = train_time_ms + 1000 * (time.perf_counter() - t0)  # the host's clock (exact at validation)
+            bad = steps_log.add(step + 1, loss, now_ms)
+            if bad is not None:
+                stop_on_non_finite(*bad, step + 1)
 
     if device.type == "cuda":
         log.write(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
@@ -532,7 +600,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     if cfg.report_baselines and master:
         for line in baseline_lines(cfg, val_losses[total]):
             log.write(line)
-    return dict(val_losses=val_losses, train_losses=train_losses, log_path=log_path, run_id=cfg.run_id)
+    return dict(val_losses=val_losses, train_losses=steps_log.train_losses, log_path=log_path, run_id=cfg.run_id)
 
 
 def dry_run(cfg: Hyperparameters) -> int:

@@ -3,6 +3,7 @@
 # (python data/prepare_demo_data.py; the GPU machine has no FineWeb and no network).
 #
 #   bash bench/gpu_medium.sh smoke [OUT_DIR]
+#   bash bench/gpu_medium.sh timing [OUT_DIR]
 #
 # smoke: `medium` compiled and trained for 30 steps through every CUDA path: FlexAttention block masks (document
 #   and window masks), the matrix optimizer through the Triton msign kernels, bf16 autocast, and the schedule
@@ -15,18 +16,27 @@
 #   device, torch / triton versions), the run's log and console output. OUT_DIR defaults to
 #   records/gpu_checks/<date>_medium_smoke_<gpu>.
 #
+# timing: bench/gpu_timing.py: the training step of `medium` at each of its four batch stages (131,072 / 262,144 /
+#   393,216 / 524,288 tokens per step, the record's 8 forwards per step on one GPU, each stage at its middle step),
+#   2 untimed steps (compile) then 20 timed steps each: ms per step, tokens/s, peak memory, graphs compiled while
+#   timed; `medium-r8` at 524,288; the matrix-optimizer step alone for muon and normuon; beside each stage the
+#   record's 8-GPU step time and our 1-GPU time / 8 (an estimate without communication), and an estimated 8-GPU
+#   wall-clock of medium. Writes OUT_DIR/timing.json and profile.txt (torch.profiler, 2 steps at 524K); OUT_DIR
+#   defaults to records/gpu_checks/<date>_medium_timing_<gpu>. GPU_TIMING_ARGS="..." adds bench/gpu_timing.py
+#   flags (e.g. "--steps 10" to fit a shorter limit).
+#
 # Environment:
 #   GPU_MEDIUM_CPU=1       rehearse the same script on the CPU before the GPU call: a d=64 model with the medium-tiny
 #                          batch sizes and windows, no compile, 2 warm-up steps (default OUT_DIR: a temp dir)
-#   GPU_MEDIUM_TIMEOUT=S   time limit of the training run in seconds (default 270; 900 for the rehearsal); the
-#                          summary is written anyway
+#   GPU_MEDIUM_TIMEOUT=S   time limit of the training run in seconds (default 270, timing 480; 900 for the
+#                          rehearsal); the smoke summary is written anyway
 #   GPU_MEDIUM_ARGS="..."  extra train_gpt.py flags, appended last (e.g. "--optimizer muon")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-}
-if [ "$mode" != "smoke" ]; then
-  echo "usage: bash bench/gpu_medium.sh smoke [OUT_DIR]" >&2
+if [ "$mode" != "smoke" ] && [ "$mode" != "timing" ]; then
+  echo "usage: bash bench/gpu_medium.sh smoke|timing [OUT_DIR]" >&2
   exit 2
 fi
 if ! ls data/demo/demo_train_*.bin data/demo/demo_val_*.bin > /dev/null 2>&1; then
@@ -36,19 +46,34 @@ fi
 
 cpu=${GPU_MEDIUM_CPU:-0}
 limit=${GPU_MEDIUM_TIMEOUT:-270}
+[ "$mode" = "timing" ] && limit=${GPU_MEDIUM_TIMEOUT:-480}  # 5 compiled graphs, then about 2.5 min of timed steps
 [ "$cpu" = "1" ] && limit=${GPU_MEDIUM_TIMEOUT:-900}  # the rehearsal is slower on a shared CPU; the limit is for GPU time
 if [ "$cpu" = "1" ]; then
   device=cpu-rehearsal
-  out=${2:-${TMPDIR:-/tmp}/gpu_medium_smoke_cpu}
+  out=${2:-${TMPDIR:-/tmp}/gpu_medium_${mode}_cpu}
 else
   device=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', re.sub(r'^nvidia ', '', torch.cuda.get_device_name(0).lower())).strip('-') if torch.cuda.is_available() else 'nogpu')")
   if [ "$device" = "nogpu" ]; then
     echo "error: torch sees no CUDA device; for a CPU rehearsal set GPU_MEDIUM_CPU=1" >&2
     exit 2
   fi
-  out=${2:-records/gpu_checks/$(date +%Y-%m-%d)_medium_smoke_${device}}
+  out=${2:-records/gpu_checks/$(date +%Y-%m-%d)_medium_${mode}_${device}}
 fi
 mkdir -p "$out"
+
+if [ "$mode" = "timing" ]; then
+  size=full
+  [ "$cpu" = "1" ] && size=cpu
+  # shellcheck disable=SC2206
+  timing=(--out "$out" --size "$size" --profile ${GPU_TIMING_ARGS:-})
+  [ "$cpu" = "1" ] && timing=(--out "$out" --size cpu --steps 2 --warmup 1 --profile ${GPU_TIMING_ARGS:-})
+  echo "python bench/gpu_timing.py ${timing[*]}"
+  export PYTHONUNBUFFERED=1
+  timeout "$limit" python3 bench/gpu_timing.py "${timing[@]}" 2>&1 | tee "$out/console.txt"
+  code=${PIPESTATUS[0]}
+  echo "gpu_timing.py exit code: $code (124: stopped by the ${limit}s limit)"
+  exit "$code"
+fi
 
 args=(--preset medium --train-files 'data/demo/demo_train_*.bin' --val-files 'data/demo/demo_val_*.bin'
       --num-iterations 30 --extension-steps 2 --momentum-warmup-steps 10 --momentum-cooldown-steps 3

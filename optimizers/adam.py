@@ -27,8 +27,27 @@ reduce-scattered along dim 0 (each rank updates and keeps Adam state for its own
 all-gathered); any other parameter (0-D scalars included) is all-reduced and updated identically on every rank.
 All reductions are launched before the first update. Gradients are averaged as SUM / world_size.
 A parameter that requires grad but has no gradient on this rank contributes zeros.
+
+Reduction inside backward (record 18's overlap): after `register_grad_hooks()`, a training loop calls
+`arm_grad_hooks()` just before the backward of a step's LAST micro-batch. While armed, a post-accumulate-grad
+hook starts each parameter's reduction (its held gradient added first) the moment autograd has finished its
+gradient, so communication overlaps with the rest of backward; step() then waits on those reductions instead of
+launching them. Only groups whose next step() call is active are armed (under step_every=2 the skipped calls'
+gradients are held, never communicated). A parameter whose hook did not fire (no gradient on the last
+micro-batch) is reduced in step() as before. The values reduced and the update are the same tensors and the same
+operations as without hooks, so results are bit-identical; at world size 1 the hooks only move the held-gradient
+sum into backward. Every rank must produce gradients for the same parameters (the same model on every rank
+does), so that the collectives are issued in the same order everywhere.
+
+Precision: `state_dtype` (None: the parameter's dtype, the default; record 18: torch.bfloat16) sets the dtype
+of m and v. Parameters may themselves be stored in bf16 (record 18's embeddings, head and gates); their
+gradients, and so the reductions, are then bf16 too. Whenever the parameter or the state is narrower than fp32
+the arithmetic of a step runs in fp32 and the results are rounded once on the way back into storage; an fp32
+(or float64) parameter with state of its own dtype takes exactly the plain path.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +59,16 @@ def adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                 step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                 cautious: bool = False) -> None:
     """One AdamW step in place on param, exp_avg, exp_avg_sq (all the same shape); step is 1-based.
-    weight_decay includes its multiplier; cautious: record 18's cautious decay (module docstring)."""
+    weight_decay includes its multiplier; cautious: record 18's cautious decay (module docstring).
+    Tensors narrower than fp32 (bf16 storage or state) are updated through fp32 copies, rounded once at the end."""
+    compute = torch.promote_types(torch.promote_types(param.dtype, exp_avg.dtype), torch.float32)
+    stored = (param, exp_avg, exp_avg_sq)
+    if any(t.dtype != compute for t in (*stored, grad)):
+        wide = [t.to(compute) for t in stored]
+        adam_update(*wide[:1], grad.to(compute), *wide[1:], step, lr, beta1, beta2, eps, weight_decay, cautious)
+        for dst, src in zip(stored, wide):
+            dst.copy_(src)
+        return
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step
@@ -76,16 +104,32 @@ def check_adam_hyperparameters(group: dict) -> None:
         raise ValueError(f"step_every must be an integer >= 1 (1: step on every call; record 18: 2), got {every!r}")
 
 
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
 class DistAdam(torch.optim.Optimizer):
     """AdamW averaged over ranks; see the module docstring. Group keys: lr, betas, eps, weight_decay,
     weight_decay_mul (default 1.0), lr_mul (default 1.0), cautious_weight_decay (default False),
-    step_every (default 1) and the call counter step_calls."""
+    step_every (default 1) and the call counter step_calls.
+
+    state_dtype: dtype of m and v for every parameter: None (the parameter's own, default) or torch.bfloat16
+    (record 18) or torch.float32. Reduction inside backward: register_grad_hooks(), then arm_grad_hooks() before
+    each step's last backward (module docstring)."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10,
-                 weight_decay: float = 0.0, cautious_weight_decay: bool = False, step_every: int = 1):
+                 weight_decay: float = 0.0, cautious_weight_decay: bool = False, step_every: int = 1,
+                 state_dtype: torch.dtype | None = None):
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES} (None: the parameter's dtype), "
+                             f"got {state_dtype!r}")
+        self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, weight_decay_mul=1.0,
                         lr_mul=1.0, cautious_weight_decay=cautious_weight_decay, step_every=step_every)
         super().__init__(params, defaults)
+        self._hooks_on = False  # register_grad_hooks() was called
+        self._hook_handles: dict[torch.Tensor, Any] = {}  # parameter -> its post-accumulate-grad hook
+        self._armed: set[torch.Tensor] = set()  # parameters whose hook reduces during the coming backward
+        self._in_flight: dict[torch.Tensor, tuple] = {}  # parameter -> (rows, PendingGrads) started by a hook
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -125,6 +169,61 @@ class DistAdam(torch.optim.Optimizer):
         grad = grad_or_zeros(p)
         return grad if held is None else held + grad
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim.Optimizer's, which casts state to the parameter's dtype; m and v go back to
+        state_dtype so that a resumed run keeps bf16 state."""
+        super().load_state_dict(state_dict)
+        if self.state_dtype is None:
+            return
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
+    # ---- reduction inside backward ------------------------------------------------------------------------
+    def register_grad_hooks(self) -> None:
+        """Turn on the reduction inside backward: from now on arm_grad_hooks() arms post-accumulate-grad hooks.
+        A hook is installed on each parameter the first time it is armed while it requires grad, so a parameter
+        that starts frozen (an embedding tied to the head until the split) gets its hook once it trains."""
+        self._hooks_on = True
+
+    def remove_grad_hooks(self) -> None:
+        for handle in self._hook_handles.values():
+            handle.remove()
+        self._hook_handles.clear()
+        self._armed.clear()
+        self._hooks_on = False
+
+    def arm_grad_hooks(self) -> None:
+        """Call just before the backward of a step's last micro-batch: the hooks of the groups whose next step()
+        call is active start their reductions during that backward."""
+        if not self._hooks_on:
+            raise RuntimeError("arm_grad_hooks() needs the hooks: call register_grad_hooks() once after building "
+                               "the optimizer")
+        self._armed = {p for group in self.param_groups if self._next_call_active(group)
+                       for p in group["params"] if p.requires_grad}
+        for p in self._armed:
+            if p not in self._hook_handles:
+                self._hook_handles[p] = p.register_post_accumulate_grad_hook(self._reduce_in_backward)
+
+    def reductions_in_flight(self) -> int:
+        """How many parameters' reductions the hooks have started and step() has not consumed yet."""
+        return len(self._in_flight)
+
+    @staticmethod
+    def _next_call_active(group: dict) -> bool:
+        return (group["step_calls"] + 1) % group["step_every"] == 0
+
+    @torch.no_grad()
+    def _reduce_in_backward(self, p: torch.Tensor) -> None:
+        if p not in self._armed:
+            return
+        if p in self._in_flight:
+            raise RuntimeError("a DistAdam gradient hook fired twice before step(): arm_grad_hooks() belongs just "
+                               "before the LAST micro-batch's backward of a step, once per step")
+        rank, world_size = dist_info()
+        self._in_flight[p] = self._reduce(self._local_grad(p), p, rank, world_size)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -133,16 +232,24 @@ class DistAdam(torch.optim.Optimizer):
                 loss = closure()
         rank, world_size = dist_info()
         work = []
+        self._armed = set()
         for group in self.param_groups:
-            active = (group["step_calls"] + 1) % group["step_every"] == 0
+            active = self._next_call_active(group)
             group["step_calls"] += 1
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 if active:
-                    work.append((group, p, *self._reduce(self._local_grad(p), p, rank, world_size)))
+                    started = self._in_flight.pop(p, None)  # by the hook, during backward
+                    if started is None:
+                        started = self._reduce(self._local_grad(p), p, rank, world_size)
+                    work.append((group, p, *started))
                 else:
                     self._hold_grad(p)
+        if self._in_flight:
+            self._in_flight.clear()
+            raise RuntimeError("DistAdam: gradient reductions were started for a group whose step() call was "
+                               "skipped; do not change step_calls or step_every between arm_grad_hooks() and step()")
         gathers = []
         for group, p, rows, pending in work:
             grad = pending.wait()
@@ -150,8 +257,8 @@ class DistAdam(torch.optim.Optimizer):
             state = self.state[p]
             if "exp_avg" not in state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(target)
-                state["exp_avg_sq"] = torch.zeros_like(target)
+                state["exp_avg"] = torch.zeros_like(target, dtype=self.state_dtype)
+                state["exp_avg_sq"] = torch.zeros_like(target, dtype=self.state_dtype)
             state["step"] += 1
             beta1, beta2 = group["betas"]
             adam_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],

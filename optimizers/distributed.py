@@ -23,6 +23,12 @@ How a step runs (`ShardedMatrixOptimizer.step`):
 Without an initialised process group (world size 1) there is no communication at all: the single rank owns
 every entry and the same steps 1-3 run on the full stacks.
 
+Overlap (`launch_reductions`): a training loop may start step 2's reductions as soon as the last backward of a
+step ends, before other work (Adam's update) runs, so that communication overlaps with that work; the next
+`step()` consumes them instead of launching its own. The reduced values are the same tensors either way, so the
+result is bit-identical with and without the early launch. The gradients are read at launch time: do not change
+them between `launch_reductions()` and `step()`.
+
 Subclass contract:
   - `compute_update(group, owned, W, grads, states) -> U`: `owned` is the list of owned parameter tensors,
     `W` (n_own, *shape) a stacked copy of their current values (before weight decay; do not modify it),
@@ -178,6 +184,7 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
+        self._launched: tuple[list[Bucket], list[PendingGrads]] | None = None  # set by launch_reductions()
 
     # ---- hooks for subclasses -------------------------------------------------------------------------
     def validate_group(self, group: dict) -> None:
@@ -270,14 +277,30 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
         return finish
 
     @torch.no_grad()
+    def launch_reductions(self) -> None:
+        """Start every bucket's gradient reduction now; the next step() consumes them (module docstring).
+
+        Call once, after the last backward of a step and before step(); every rank must call it at the same point.
+        """
+        if self._launched is not None:
+            raise RuntimeError(f"{type(self).__name__}.launch_reductions() was called twice without a step() "
+                               "in between; call it once per step, after the last backward")
+        rank, world_size = dist_info()
+        buckets = self.make_buckets(rank, world_size)
+        self._launched = (buckets, [self.reduce_gradients(b) for b in buckets])  # every launch before any wait
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
+            if self._launched is not None:
+                raise RuntimeError("step(closure) after launch_reductions(): the closure's gradients would not be "
+                                   "the ones already being reduced; pass no closure, or do not launch early")
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = dist_info()
-        buckets = self.make_buckets(rank, world_size)
-        pending = [self.reduce_gradients(b) for b in buckets]  # launch every reduction before any wait
+        if self._launched is None:
+            self.launch_reductions()
+        (buckets, pending), self._launched = self._launched, None
         finishers = [self._update_bucket(b, grads.wait()) for b, grads in zip(buckets, pending)]
         for finish in finishers:
             finish()

@@ -108,13 +108,94 @@ def run_scenario(name: str, grads_fn, steps: int = STEPS, diagnostics_path: str 
     return [p.detach().clone() for p in params], opt
 
 
+# ---- overlap: a tiny model trained on micro-batches, reductions inside backward or in step() -------------
+VOCAB, DIM, TOKENS = 16, 8, 12
+MODEL_STEPS, MICRO_BATCHES = 6, 2
+MODEL_SCENARIOS = {"model_overlap": True, "model_plain": False}  # name -> overlapped
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, gains, residual matrices and a head: every kind of parameter the optimizers shard differently.
+    On 2 ranks: embed, head (16, 8) and gain (8,) are reduce-scattered by DistAdam; mix (0-D) and unused (3,)
+    are all-reduced; unused never gets a gradient, so its hook never fires and step() reduces its zeros."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+
+        def param(*shape, scale=0.5):
+            return torch.nn.Parameter(torch.randn(shape, generator=gen) * scale)
+        self.embed, self.head = param(VOCAB, DIM), param(VOCAB, DIM)
+        self.gain, self.mix, self.unused = param(DIM), param(), param(3)
+        self.mids = torch.nn.ParameterList([param(DIM, DIM), param(DIM, DIM)])
+        self.up, self.down = param(2 * DIM, DIM), param(DIM, 2 * DIM)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed[tokens] * self.gain  # (T, DIM)
+        for w in self.mids:
+            x = x + torch.relu(x @ w.T)
+        x = x + torch.relu(x @ self.up.T) @ self.down.T * torch.sigmoid(self.mix)
+        logits = x @ self.head.T  # (T, VOCAB)
+        return torch.nn.functional.cross_entropy(logits[:-1], tokens[1:])
+
+
+def model_optimizers(model: TinyLM) -> tuple[DistAdam, Muon]:
+    """Record-18-like split: Adam with step_every=2 and cautious decay on embed/head, every call on the rest."""
+    adam = DistAdam([dict(params=[model.embed, model.head], step_every=2, cautious_weight_decay=True,
+                          weight_decay=2.0),
+                     dict(params=[model.gain, model.mix, model.unused], lr=0.02)],
+                    lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.05)
+    matrix = Muon([*model.mids, model.up, model.down], lr=0.02, momentum=0.9, weight_decay=0.1)
+    return adam, matrix
+
+
+def model_batch(step: int, rank: int, micro: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    return torch.randint(0, VOCAB, (TOKENS,), generator=gen)
+
+
+def run_model_scenario(overlapped: bool, batch_ids: list[tuple[int, int]], world_size: int = 1) -> dict:
+    """MODEL_STEPS steps on the micro-batches batch_ids = [(rank, micro), ...] of this process. Overlapped:
+    DistAdam reduces inside the last micro-batch's backward and Muon launches its reductions right after
+    backward, before Adam's step. Returns final params, per-step rank-mean losses and, per step, how many Adam
+    reductions the hooks had started before step() (0 when not overlapped)."""
+    from train_log import DeviceLosses
+
+    model = TinyLM()
+    adam, matrix = model_optimizers(model)
+    if overlapped:
+        adam.register_grad_hooks()
+    losses = DeviceLosses(MODEL_STEPS, "cpu", world_size)
+    started_in_backward = []
+    for step in range(MODEL_STEPS):
+        total = torch.zeros(())
+        for i, (rank, micro) in enumerate(batch_ids):
+            if overlapped and i == len(batch_ids) - 1:
+                adam.arm_grad_hooks()
+            loss = model(model_batch(step, rank, micro))
+            (loss / len(batch_ids)).backward()
+            total += loss.detach()
+        started_in_backward.append(adam.reductions_in_flight())
+        if overlapped:
+            matrix.launch_reductions()
+        adam.step()
+        matrix.step()
+        model.zero_grad(set_to_none=True)
+        losses.record(total / len(batch_ids))
+    return dict(params=[p.detach().clone() for p in model.parameters()], losses=torch.tensor(losses.read()),
+                started_in_backward=started_in_backward)
+
+
 def main() -> None:
     out_dir, scenarios = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
         diagnostics_path = os.path.join(out_dir, "diagnostics.jsonl")
-        results = {name: run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
+        own_batches = [(rank, micro) for micro in range(MICRO_BATCHES)]
+        results = {name: run_model_scenario(MODEL_SCENARIOS[name], own_batches, world_size)
+                   if name in MODEL_SCENARIOS else
+                   run_scenario(name, rank_grads(shapes_for(name), rank), diagnostics_path=diagnostics_path)[0]
                    for name in scenarios}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

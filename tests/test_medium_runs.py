@@ -119,3 +119,21 @@ def test_checkpoint_after_the_split_holds_the_embedding_and_its_adam_state(shard
     # Adam stepped on steps 1, 3 (then the split) and 5; step 6's gradient waits in the state for step 7
     assert embed["step"] == head["step"] == 3 and not torch.equal(embed["exp_avg"], head["exp_avg"])
     assert "held_grad" in embed and "held_grad" in head
+
+
+@pytest.mark.slow
+def test_warm_up_reductions_in_step_and_frequent_flushes_change_nothing(uninterrupted, shards, tmp_path):
+    """The untimed compile warm-up over every transition (state restored after), every reduction started in its
+    optimizer's step() and the step lines flushed every 3 steps: the same floats as the uninterrupted run (no
+    warm-up, overlapped reductions, one flush at each validation); the log lists the warm-up's schedule steps."""
+    cfg = config(shards, tmp_path, "--run-id", "variant", "--warmup-steps", "1", "--no-overlap-comm",
+                 "--log-flush-every", "3")
+    result = train_gpt.train(cfg)
+    assert result["train_losses"] == uninterrupted["train_losses"]
+    assert result["val_losses"] == uninterrupted["val_losses"]
+    log_path = tmp_path / "logs" / "variant.txt"
+    warmed = [int(line.split("schedule step ")[1].split(")")[0]) for line in log_path.read_text().splitlines()
+              if line.startswith("warm-up step ")]
+    assert warmed == schedules.warmup_plan(cfg) and set(schedules.transition_steps(cfg)) <= set(warmed)
+    _, logged = read_losses(log_path)
+    assert logged == {step: float(f"{loss:.4f}") for step, loss in result["train_losses"].items()}

@@ -189,7 +189,9 @@ def test_sharded_base_rejects_bad_group_keys(bad, message):
                        momentum=0.9, weight_decay=2.0, cautious_weight_decay=True),
     # 3 steps end on a skipped call, so the checkpoint holds a gradient
     lambda ps: DistAdam(ps, lr=0.01, weight_decay=0.5, cautious_weight_decay=True, step_every=2),
-], ids=["muon", "dist_adam", "adamw_matrix", "normuon", "dist_adam_every2"])
+    # torch.optim casts loaded state to the parameter's dtype; DistAdam casts m, v back to bf16
+    lambda ps: DistAdam(ps, lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16),
+], ids=["muon", "dist_adam", "adamw_matrix", "normuon", "dist_adam_every2", "dist_adam_bf16_state"])
 def test_state_dict_round_trip(make):
     worker = load_worker()
     shapes = worker.MATRIX_SHAPES
@@ -337,7 +339,8 @@ SCENARIOS = ["muon", "muon_plain", "adam", "adamw_matrix", "normuon", "muon_caut
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    return run_torchrun(str(tmp_path_factory.mktemp("dist_optim")), SCENARIOS)
+    # one launch for every scenario: the optimizer scenarios and the tiny-model overlap runs
+    return run_torchrun(str(tmp_path_factory.mktemp("dist_optim")), SCENARIOS + list(load_worker().MODEL_SCENARIOS))
 
 
 @pytest.mark.slow
@@ -352,3 +355,163 @@ def test_two_ranks_match_single_process_on_averaged_grads(two_rank_results, scen
     # the run moved the parameters (a no-op optimizer would also make the ranks agree)
     initial = worker.make_params(worker.shapes_for(scenario))
     assert all(not torch.allclose(p, w) for p, w in zip(rank0, initial))
+
+
+# ---- overlap: DistAdam reduces inside backward, the matrix optimizer launches before Adam's step ----------
+# Adam's embed/head group steps on calls 1, 3, 5 (step_every=2); on those steps the hooks of embed, head, gain
+# and mix fire (unused never gets a gradient), on the others only gain and mix.
+HOOKED_PER_STEP = [2, 4, 2, 4, 2, 4]
+
+
+def test_overlap_at_world_size_1_is_bit_identical():
+    worker = load_worker()
+    batches = [(0, 0), (0, 1), (0, 2)]
+    plain = worker.run_model_scenario(False, batches)
+    overlapped = worker.run_model_scenario(True, batches)
+    assert overlapped["started_in_backward"] == HOOKED_PER_STEP and plain["started_in_backward"] == [0] * 6
+    assert torch.equal(plain["losses"], overlapped["losses"])
+    for a, b in zip(plain["params"], overlapped["params"]):
+        assert torch.equal(a, b)
+    initial = list(worker.TinyLM().parameters())
+    assert all(not torch.equal(p, w) for p, w in zip(plain["params"], initial))  # `unused`: weight decay alone
+    assert plain["losses"][-1] < plain["losses"][0]
+
+
+def test_matrix_launch_reductions_rules():
+    a, b = params_like([torch.randn(6, 4), torch.randn(6, 4)])
+    opt = Muon([a, b], lr=0.1)
+    set_grads([a, b], [torch.randn(6, 4), torch.randn(6, 4)])
+    opt.launch_reductions()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.launch_reductions()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(lambda: None)
+    opt.step()  # consumes the launched reductions; a later step launches its own
+    opt.step()
+    assert opt.param_groups[0]["step"] == 2
+
+
+def test_dist_adam_hooks_must_be_registered_and_armed_once_per_step():
+    worker = load_worker()
+    model = worker.TinyLM()
+    adam, _ = worker.model_optimizers(model)
+    with pytest.raises(RuntimeError, match="register_grad_hooks"):
+        adam.arm_grad_hooks()
+    adam.register_grad_hooks()
+    adam.arm_grad_hooks()
+    model(worker.model_batch(0, 0, 0)).backward()
+    assert adam.reductions_in_flight() == 2  # gain and mix: the embed/head group skips this call
+    with pytest.raises(RuntimeError, match="LAST micro-batch"):
+        model(worker.model_batch(0, 0, 1)).backward()  # armed too early: a second backward re-fires the hooks
+    adam.remove_grad_hooks()
+    model.zero_grad(set_to_none=True)
+    model(worker.model_batch(0, 0, 1)).backward()  # no hooks: nothing starts
+    assert adam.reductions_in_flight() == 2
+
+
+def test_dist_adam_hooks_a_parameter_once_it_trains():
+    """An embedding frozen while tied to the head gets its hook when it starts to train (after the split)."""
+    worker = load_worker()
+    model = worker.TinyLM()
+    model.embed.requires_grad_(False)
+    adam, _ = worker.model_optimizers(model)
+    adam.register_grad_hooks()
+    for step in range(3):
+        if step == 2:
+            model.embed.requires_grad_(True)
+        adam.arm_grad_hooks()
+        model(worker.model_batch(step, 0, 0)).backward()
+        # step 1: head, gain, mix (embed frozen); step 2: embed's group is skipped (step_every=2) -> gain, mix
+        assert adam.reductions_in_flight() == [2, 3, 2][step]
+        adam.step()
+        model.zero_grad(set_to_none=True)
+    adam.arm_grad_hooks()
+    model(worker.model_batch(3, 0, 0)).backward()
+    assert adam.reductions_in_flight() == 4  # embed, head, gain, mix
+
+
+@pytest.mark.slow
+def test_two_ranks_overlapped_equals_plain_and_single_process(two_rank_results):
+    worker = load_worker()
+    ranks = [{name: r[name] for name in worker.MODEL_SCENARIOS} for r in two_rank_results]
+    for name in worker.MODEL_SCENARIOS:
+        for p0, p1 in zip(ranks[0][name]["params"], ranks[1][name]["params"]):
+            assert torch.equal(p0, p1), f"{name}: ranks ended with different parameters"
+        assert torch.equal(ranks[0][name]["losses"], ranks[1][name]["losses"])
+    overlapped, plain = ranks[0]["model_overlap"], ranks[0]["model_plain"]
+    assert overlapped["started_in_backward"] == HOOKED_PER_STEP and plain["started_in_backward"] == [0] * 6
+    # the same reductions of the same tensors, started earlier: bit for bit the same run
+    assert torch.equal(overlapped["losses"], plain["losses"])
+    for a, b in zip(overlapped["params"], plain["params"]):
+        assert torch.equal(a, b)
+    # one process on both ranks' micro-batches: the same run up to float summation order
+    single = worker.run_model_scenario(False, [(r, m) for r in range(2) for m in range(worker.MICRO_BATCHES)])
+    torch.testing.assert_close(overlapped["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+    for a, ref in zip(overlapped["params"], single["params"]):
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- bf16 storage and bf16 Adam state ----------------------------------------------------------------------
+def rounded_adam_reference(p0, grads, lr, betas, eps, weight_decay, storage, state):
+    """Float64 AdamW whose parameter is rounded to `storage` and m, v to `state` after every step: the exact
+    semantics of DistAdam's narrow storage (wide arithmetic, one rounding per stored tensor per step)."""
+    beta1, beta2 = betas
+    p, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        d = (m / (1 - beta1 ** t)) / (torch.sqrt(v / (1 - beta2 ** t)) + eps)
+        p = (p * (1 - lr * weight_decay) - lr * d).to(storage).double()
+        m, v = m.to(state).double(), v.to(state).double()
+    return p
+
+
+@pytest.mark.parametrize("storage, state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, None),
+                                                   (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32_param_bf16_state", "bf16_param", "bf16_param_bf16_state"])
+def test_dist_adam_narrow_storage_matches_rounded_float64_reference(storage, state_dtype):
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(6, 5, generator=gen).to(storage)
+    grads = [torch.randn(6, 5, generator=gen).to(storage) for _ in range(6)]
+    (p,) = params = [torch.nn.Parameter(W.clone())]
+    opt = DistAdam(params, lr=0.05, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1, state_dtype=state_dtype)
+    for g in grads:
+        p.grad = g
+        opt.step()
+    state = state_dtype or storage
+    assert p.dtype == storage and opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == state
+    expected = rounded_adam_reference(W, grads, 0.05, (0.8, 0.95), 1e-8, 0.1, storage, state)
+    # fp32 against float64 arithmetic: one ulp of a bf16 weight (a rounding the other way), or the fp32 error
+    # of six steps of unit-sized arithmetic on an fp32 weight
+    if storage == torch.bfloat16:
+        tolerance = torch.finfo(storage).eps * expected.abs()
+    else:
+        tolerance = 8 * torch.finfo(storage).eps * expected.abs().clamp_min(1.0)
+    assert ((p.detach().double() - expected).abs() <= tolerance).all()
+    wide = rounded_adam_reference(W, grads, 0.05, (0.8, 0.95), 1e-8, 0.1, torch.float64, torch.float64)
+    assert ((p.detach().double() - wide).abs() > tolerance).any()  # the check would notice a wide path
+
+
+def test_dist_adam_rejects_other_state_dtypes():
+    with pytest.raises(ValueError, match="state_dtype"):
+        DistAdam([torch.nn.Parameter(torch.randn(3))], lr=0.01, state_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon])
+def test_matrix_optimizers_keep_bf16_storage(cls):
+    """bf16 parameters (record 18's gates) stay bf16 with bf16 state and follow the fp32 run to bf16 precision."""
+    gen = torch.Generator().manual_seed(10)
+    W, G = torch.randn(3, 16, 8, generator=gen), torch.randn(3, 16, 8, generator=gen)
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(w.clone().to(dtype)) for w in W]
+        opt = cls(params, lr=0.05, momentum=0.9, weight_decay=0.1)
+        for _ in range(3):
+            set_grads(params, [g.to(dtype) for g in G])
+            opt.step()
+        assert all(p.dtype == dtype and opt.state[p]["momentum_buffer"].dtype == dtype for p in params)
+        moved[dtype] = torch.stack([p.detach().float() for p in params]) - W.to(dtype).float()
+    # the displacement agrees up to the rounding of the stored weights (|W| < 4: bf16 ulp <= 2^-6 per step)
+    assert (moved[torch.bfloat16] - moved[torch.float32]).abs().max() < 3 * 2 ** -5
+    assert moved[torch.float32].abs().max() > 0.1

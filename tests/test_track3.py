@@ -377,7 +377,7 @@ def test_optimizer_groups_are_the_baselines():
 
 def test_schedule_at_its_boundary_steps():
     from config import parse_config
-    from schedules import lr_multiplier, momentum_at, validation_due
+    from schedules import lr_multiplier, momentum_at, validation_due, warmup_plan
 
     cfg = parse_config(["--preset", "track3"])
     # stable for progress < 0.3, then linear to 0 over the last 70% (step / 3250; 975 / 3250 = 0.3 exactly)
@@ -390,6 +390,8 @@ def test_schedule_at_its_boundary_steps():
     due = [s for s in range(3251) if validation_due(cfg, s)]
     assert due == track3_val_steps(3250) and len(due) == 38
     assert due[22:26] == [2750, 2875, 2925, 2950] and 2900 not in due and due[-2:] == [3225, 3250]
+    # no window or batch to change: the compile warm-up is the first warmup_steps steps, no transition after step 0
+    assert warmup_plan(cfg) == list(range(cfg.warmup_steps)) == list(range(10))
 
 
 def test_flags_that_leave_the_benchmark_are_refused(tmp_path, capsys):
