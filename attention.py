@@ -3,6 +3,8 @@
 
 Kernels: on CUDA, FlexAttention with a block mask built from `attention_mask_mod`; on CPU,
 scaled_dot_product_attention with a dense boolean mask built from the same function (a test checks the two agree).
+Without a document mask and a window (track 3), plain causal scaled_dot_product_attention within each row, any
+number of rows per forward, on both devices.
 Record 18 runs FlashAttention-3's varlen kernel instead, which its script downloads at start-up from an online
 kernel hub; no machine of this project can reach that hub, so it cannot be installed or tested here. Both compute
 causal attention within documents with a window of W tokens behind each query (FlashAttention's window_size=(W, 0));
@@ -23,8 +25,29 @@ from config import Hyperparameters
 YARN_ALPHA, YARN_BETA = 1.0, 32.0
 
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+def rms_norm(x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim, times a learned gain (--norm-gains) when given."""
+    return F.rms_norm(x, (x.size(-1),), weight=None if gain is None else gain.type_as(x))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ b): weights in x's dtype (bf16 under autocast)."""
+    return F.linear(x, w.type_as(x), None if b is None else b.type_as(x))
+
+
+def normal_init(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+    """N(0, 0.33 / fan_in): --hidden-init normal, the track-3 baseline's hidden weights (about torch's Linear init)."""
+    return torch.empty(shape).normal_(std=math.sqrt(0.33 / fan_in))
+
+
+def optional_bias(size: int, enabled: bool) -> nn.Parameter | None:
+    """A zero-init bias (--linear-bias), or None."""
+    return nn.Parameter(torch.zeros(size)) if enabled else None
+
+
+def optional_gain(size: int, enabled: bool) -> nn.Parameter | None:
+    """A learned RMSNorm gain, init 1 (--norm-gains), or None for the plain norm."""
+    return nn.Parameter(torch.ones(size)) if enabled else None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -116,9 +139,17 @@ def dense_attention_mask(doc_ids: torch.Tensor, window_tokens: torch.Tensor | No
     return attention_mask_mod(doc_ids, window_tokens)(None, None, q, kv)
 
 
+def needs_masks(cfg: Hyperparameters) -> bool:
+    """Attention needs a document or window mask; without both it is plain causal attention within each row."""
+    return cfg.doc_mask or cfg.sliding_window
+
+
 def build_masks(cfg: Hyperparameters, idx: torch.Tensor, windows: dict[str, int], use_flex: bool) -> dict:
     """{name: mask} for each window (tokens). idx: (B, T); documents start at bos_id. Dense (B, 1, T, T)
-    booleans, or FlexAttention BlockMasks (one packed row per rank)."""
+    booleans, or FlexAttention BlockMasks (one packed row per rank); None without a document mask or window
+    (plain causal attention, any number of rows)."""
+    if not needs_masks(cfg):
+        return dict.fromkeys(windows)
     B, T = idx.shape
     doc_ids = (idx == cfg.bos_id).cumsum(dim=1) if cfg.doc_mask else torch.zeros_like(idx)  # (B, T)
     masks = {}
@@ -148,15 +179,20 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         d, H, self.num_heads, self.head_dim = cfg.model_dim, cfg.num_heads, cfg.num_heads, cfg.head_dim
         bound = math.sqrt(3) * cfg.qkv_init_gain / math.sqrt(d)  # uniform with std qkv_init_gain / sqrt(fan_in)
+
+        def init(*shape):
+            return normal_init(shape, d) if cfg.hidden_init == "normal" else torch.empty(shape).uniform_(-bound, bound)
+
         if cfg.merged_qkvo:
-            self.qkvo_w = nn.Parameter(torch.empty(4, d, d).uniform_(-bound, bound))
+            self.qkvo_w = nn.Parameter(init(4, d, d))
             if cfg.zero_init_proj:
                 self.qkvo_w.data[3].zero_()
         else:
-            self.q_w, self.k_w, self.v_w, self.o_w = (
-                nn.Parameter(torch.empty(d, d).uniform_(-bound, bound)) for _ in range(4))
+            self.q_w, self.k_w, self.v_w, self.o_w = (nn.Parameter(init(d, d)) for _ in range(4))
             if cfg.zero_init_proj:
                 self.o_w.data.zero_()
+        # biases (track 3); --linear-bias needs the unmerged weights (config._check_model)
+        self.q_b, self.k_b, self.v_b, self.o_b = (optional_bias(d, cfg.linear_bias) for _ in range(4))
         self.qkvo_scales = nn.Parameter(torch.tensor([0.5, 1.0])) if cfg.qkvo_scales else None  # on QKV, on O
         self.value_gate = self.value_mix = self.output_gate = None
         if has_value_embed and cfg.value_embed_gates:
@@ -180,7 +216,8 @@ class CausalSelfAttention(nn.Module):
         q so that a compiled graph does not specialise on its value)."""
         B, T, _ = x.shape
         wq, wk, wv, wo = self.weights()
-        q, k, v = (F.linear(x, w.type_as(x)).view(B, T, self.num_heads, self.head_dim) for w in (wq, wk, wv))
+        q, k, v = (linear(x, w, b).view(B, T, self.num_heads, self.head_dim)
+                   for w, b in ((wq, self.q_b), (wk, self.k_b), (wv, self.v_b)))
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         if self.v_norm:
@@ -196,7 +233,10 @@ class CausalSelfAttention(nn.Module):
         if isinstance(scale, torch.Tensor):
             q, scale = q * scale, 1.0
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if isinstance(attn_mask, torch.Tensor):  # CPU path: dense boolean mask
+        if attn_mask is None:  # no document mask, no window: plain causal attention within each row (any B)
+            # one dtype for all three (v skips the norm, so under autocast it may differ from q and k)
+            y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), is_causal=True, scale=scale)
+        elif isinstance(attn_mask, torch.Tensor):  # CPU path: dense boolean mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         else:  # CUDA path: FlexAttention BlockMask, through a compiled kernel (eager would materialise T x T scores)
             if q.is_cuda:
@@ -207,4 +247,4 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2)  # (B, T, H, D)
         if self.output_gate is not None:
             y = y * torch.sigmoid(head_gate(x, self.output_gate))
-        return F.linear(y.reshape(B, T, -1), wo.type_as(y))
+        return linear(y.reshape(B, T, -1), wo, self.o_b)

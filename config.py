@@ -88,6 +88,10 @@ class Hyperparameters:
     long_window_layers: str = "0,4,11,15"  # these layers see the long window, others the short one
     max_window_tokens: int = 3456  # without window_schedule: max_window * (4x^3 - 6x^2 + 3x), x = progress
     window_block: int = 128  # windows are whole blocks of this many tokens
+    linear_bias: bool = False  # biases on q, k, v, o, the MLP and the head (track 3; needs --no-merged-qkvo)
+    norm_gains: bool = False  # learned RMSNorm gains after the embedding, before attention / MLP and the head
+    hidden_init: str = "uniform"  # hidden weights: uniform (std qkv_init_gain or 0.5 / sqrt(fan_in)) | normal
+    #   (std sqrt(0.33 / fan_in), track 3)
 
     # schedules (see schedules.py): stages split the scheduled steps num_iterations - extension_steps evenly
     num_iterations: int = 5960  # optimizer steps of the run, extension included
@@ -130,6 +134,7 @@ class Hyperparameters:
     adam_weight_decay: float = 0.0  # on embeddings and head only (x the multipliers below)
     embed_head_weight_decay_mul: float = 1.0  # input embedding and head
     value_embed_weight_decay_mul: float = 1.0  # value embeddings and the second embedding
+    scalar_weight_decay_mul: float = 0.0  # the scalar group: biases, norm gains, lambdas (track 3's AdamW: 1.0)
     adam_step_every: int = 1  # Adam steps on every k-th step, on the summed gradients (record 18: 2, odd steps)
     bf16_storage: bool = False  # embeddings, head and gates stored in bf16, Adam moments in bf16 (record 18; CUDA only)
 
@@ -142,6 +147,10 @@ class Hyperparameters:
     warmup_steps: int = 10  # untimed compile warm-up on random tokens (0: none): steps 0..N-1, every schedule
     #                         transition and the steps on either side (schedules.warmup_plan); state restored after
     val_loss_every: int = 125  # 0: only at the end
+    val_loss_every_late: int = 0  # from step val_late_start * num_iterations on, validate this often instead (0: off)
+    val_late_start: float = 0.9
+    val_loss_target: float = 0.0  # the log ends with the first validation at or below it (0: no target)
+    off_benchmark: bool = False  # allow flags that leave a benchmark preset's fixed setup (the log says so)
     print_every: int = 1  # console progress every N steps (the log gets every step)
     checkpoint_every: int = 0  # 0: no periodic checkpoints
     checkpoint_dir: str = "checkpoints"
@@ -240,6 +249,30 @@ PRESETS: dict[str, dict] = {
         max_window_tokens=256, window_block=32,
         num_iterations=150, lr=0.02, embed_lr=0.1, head_lr=0.01, scalar_lr=0.01,
         momentum_warmup_steps=30, warmup_steps=0, val_loss_every=25, print_every=10, report_baselines=True,
+    ),
+    # The optimizer benchmark (modded-nanogpt track 3), baseline #36 (tuned Muon + aux AdamW, 3250 steps, val loss
+    # 3.2787 over 10 runs): records/track_3_optimization/train_gpt_simple.py. GPT-2 small with biases and norm
+    # gains, plain causal attention over 1024-token rows, 524,288 tokens/step. Architecture, data and batch are
+    # the benchmark's and fixed (track3.py refuses flags that change them); --optimizer and its settings are free.
+    #   torchrun --standalone --nproc_per_node=8 train_gpt.py --preset track3 --optimizer spectral_ord
+    "track3": dict(
+        # validation: 64 rows of 1024 tokens per forward (val_seq_len is the forward's tokens, in rows of seq_len)
+        val_tokens=20 * 524_288, seq_len=1024, micro_batch_tokens=64 * 1024, batch_tokens=8 * 64 * 1024,
+        val_seq_len=64 * 1024, align_to_bos=False,
+        num_layers=12, model_dim=768, num_heads=6, head_dim=128, mlp_ratio=4, merged_qkvo=False,
+        qk_norm=True, v_norm=False, rotary="half", rotary_base=1024.0, attn_scale=0.12, num_value_embeds=0,
+        x0_mix=False, skip_connections="", mlp_only_layers="", relu_squared=True, zero_init_proj=True,
+        logit_softcap=15.0, doc_mask=False, sliding_window=False, long_window_layers="",
+        linear_bias=True, norm_gains=True, hidden_init="normal",
+        num_iterations=3250, cooldown_frac=0.7, final_lr_frac=0.0,
+        optimizer="muon", lr=0.025, momentum=0.95, momentum_warmup_steps=0, weight_decay=0.05,
+        mlp_weight_decay_mul=1.0, embed_lr=0.7, head_lr=0.004, scalar_lr=0.015, adam_beta1=0.8, adam_beta2=0.95,
+        scalar_beta1=0.8, scalar_beta2=0.95,
+        # The benchmark sums the loss over the step's tokens, we average it: the gradient is 524,288x smaller
+        # here, and Adam with eps / 524,288 takes exactly the benchmark's steps (Muon is scale-free).
+        # AdamW's weight decay 0.001 covers every Adam parameter, the 1-D ones included.
+        adam_eps=1e-10 / (8 * 64 * 1024), adam_weight_decay=0.001, scalar_weight_decay_mul=1.0,
+        val_loss_every=125, val_loss_every_late=25, val_late_start=0.9, val_loss_target=3.28,
     ),
 }
 CPU_DEFAULT_PRESET = "cpu-bytes"  # the preset of `python train_gpt.py` on a machine without CUDA
@@ -360,9 +393,10 @@ class ConfigError(ValueError):
 POSITIVE_INTS = ("seq_len", "micro_batch_tokens", "batch_tokens", "val_seq_len", "val_tokens", "vocab_size",
                  "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "window_block", "max_doc_tokens",
                  "gate_dims", "num_iterations", "print_every", "max_window_tokens", "log_flush_every")
-NON_NEGATIVE_INTS = ("cpu_threads", "extension_steps", "val_loss_every", "checkpoint_every", "warmup_steps", "momentum_warmup_steps",
-                     "momentum_cooldown_steps", "num_value_embeds", "short_window_max_blocks",
-                     "extension_window_blocks", "final_window_blocks", "yarn_max_window_blocks")
+NON_NEGATIVE_INTS = ("cpu_threads", "extension_steps", "val_loss_every", "val_loss_every_late", "checkpoint_every",
+                     "warmup_steps", "momentum_warmup_steps", "momentum_cooldown_steps", "num_value_embeds",
+                     "short_window_max_blocks", "extension_window_blocks", "final_window_blocks",
+                     "yarn_max_window_blocks")
 LEARNING_RATES = ("lr", "head_lr", "embed_lr", "value_embed_lr", "second_embed_lr", "gate_lr", "x0_lambda_lr",
                   "scalar_lr")
 UNIT_INTERVAL = ("momentum", "momentum_warmup_start", "adam_beta1", "adam_beta2", "scalar_beta1", "scalar_beta2")
@@ -401,7 +435,7 @@ def _check_optimizers(cfg: Hyperparameters) -> list[str]:
         if not 0 <= getattr(cfg, name) < 1:
             problems.append(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     for name in ("adam_eps", "weight_decay", "mlp_weight_decay_mul", "final_lr_frac", "adam_weight_decay",
-                 "embed_head_weight_decay_mul", "value_embed_weight_decay_mul"):
+                 "embed_head_weight_decay_mul", "value_embed_weight_decay_mul", "scalar_weight_decay_mul"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}{preset_hint(cfg, name)}")
     if cfg.adam_step_every < 1:
@@ -455,6 +489,10 @@ def _check_model(cfg: Hyperparameters) -> list[str]:
         problems.append("--logit-softcap must be >= 0 and --logit-sigmoid-temperature > 0")
     if not 0 <= cfg.tied_head_frac < 1:
         problems.append(f"--tied-head-frac must be in [0, 1) (0: never tied), got {cfg.tied_head_frac}")
+    if cfg.linear_bias and cfg.merged_qkvo:
+        problems.append("--linear-bias needs separate q, k, v, o weights: add --no-merged-qkvo")
+    if cfg.hidden_init not in ("uniform", "normal"):
+        problems.append(f"--hidden-init must be uniform or normal, got {cfg.hidden_init!r}")
     try:
         for src, dst in parse_skips(cfg.skip_connections):
             if not 0 <= src < dst < cfg.num_layers:
@@ -484,7 +522,9 @@ def _check_schedules(cfg: Hyperparameters, world_size: int, check_device: bool) 
     if cfg.bf16_storage and (cfg.device == "cpu" or (check_device and not uses_cuda)):
         problems.append("--bf16-storage stores embeddings, head and gates in bf16 for CUDA's bf16 autocast; the CPU "
                         "path is fp32: drop it or add --no-bf16-storage")
-    if uses_cuda and not cfg.pack_documents and cfg.micro_batch_tokens != cfg.seq_len:
+    from attention import needs_masks  # without masks: plain causal attention within each row, any rows per forward
+
+    if uses_cuda and needs_masks(cfg) and not cfg.pack_documents and cfg.micro_batch_tokens != cfg.seq_len:
         problems.append(f"on CUDA each rank packs one row per forward (FlexAttention): set --seq-len "
                         f"{cfg.micro_batch_tokens} or --pack-documents")
     val_per_step = world_size * cfg.val_seq_len
@@ -496,6 +536,8 @@ def _check_schedules(cfg: Hyperparameters, world_size: int, check_device: bool) 
         problems.append(f"--extension-steps ({cfg.extension_steps}) must be below --num-iterations ({cfg.num_iterations})")
     if not 0 < cfg.mtp_frac <= 1:
         problems.append(f"--mtp-frac must be in (0, 1], got {cfg.mtp_frac}")
+    if not 0 <= cfg.val_late_start <= 1:
+        problems.append(f"--val-late-start must be in [0, 1] (a share of --num-iterations), got {cfg.val_late_start}")
     try:
         batches, windows = parse_int_list(cfg.batch_schedule), parse_int_list(cfg.window_schedule)
         peaks, mtp = parse_float_list(cfg.lr_stages), parse_float_list(cfg.mtp_weights)
@@ -542,6 +584,8 @@ def validate_config(cfg: Hyperparameters, world_size: int, check_data: bool = Tr
     """Checks everything that can be checked before work starts; check_data=False skips the data files,
     check_device=False every question to CUDA (--dry-run). Raises ConfigError listing every problem with its fix.
     Returns gradient-accumulation steps per optimizer step."""
+    import track3
+
     problems = _check_sizes(cfg)
     if not problems:  # the checks below divide by these sizes
         problems += _check_model(cfg) + _check_schedules(cfg, world_size, check_device)
@@ -555,6 +599,7 @@ def validate_config(cfg: Hyperparameters, world_size: int, check_data: bool = Tr
     if check_data:
         problems += check_shards(cfg.train_files, "train_files", cfg.vocab_size)
         problems += check_shards(cfg.val_files, "val_files", cfg.vocab_size, min_tokens=cfg.val_tokens + 1)
+    problems += track3.preset_problems(cfg)  # flags that would leave the optimizer benchmark
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg.batch_tokens // (world_size * cfg.micro_batch_tokens)

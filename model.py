@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (CausalSelfAttention, build_masks, head_gate, rms_norm, rotary_base_freqs, rotary_cos_sin,
-                       yarn_freqs)
+from attention import (CausalSelfAttention, build_masks, head_gate, linear, normal_init, optional_bias,
+                       optional_gain, rms_norm, rotary_base_freqs, rotary_cos_sin, yarn_freqs)
 from config import Hyperparameters, parse_int_list, parse_skips
 
 SKIP_LAMBDA_INIT = -1.5  # gated skips start at sigmoid(-1.5) * 2 sigmoid(0) ~ 0.18
@@ -26,16 +26,22 @@ class MLP(nn.Module):
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
         d, hidden = cfg.model_dim, cfg.mlp_ratio * cfg.model_dim
-        self.fc_w = nn.Parameter(torch.empty(hidden, d).uniform_(-1, 1) * (math.sqrt(3) * 0.5 / math.sqrt(d)))
-        self.proj_w = nn.Parameter(torch.empty(d, hidden).uniform_(-1, 1) * (math.sqrt(3) * 0.5 / math.sqrt(hidden)))
+        if cfg.hidden_init == "normal":
+            self.fc_w = nn.Parameter(normal_init((hidden, d), d))
+            self.proj_w = nn.Parameter(normal_init((d, hidden), hidden))
+        else:  # uniform with std 0.5 / sqrt(fan_in)
+            self.fc_w = nn.Parameter(torch.empty(hidden, d).uniform_(-1, 1) * (math.sqrt(3) * 0.5 / math.sqrt(d)))
+            self.proj_w = nn.Parameter(
+                torch.empty(d, hidden).uniform_(-1, 1) * (math.sqrt(3) * 0.5 / math.sqrt(hidden)))
         if cfg.zero_init_proj:
             self.proj_w.data.zero_()
+        self.fc_b, self.proj_b = optional_bias(hidden, cfg.linear_bias), optional_bias(d, cfg.linear_bias)
         self.relu_squared = cfg.relu_squared
 
     def forward(self, x):
-        h = F.linear(x, self.fc_w.type_as(x))
+        h = linear(x, self.fc_w, self.fc_b)
         h = F.relu(h).square() if self.relu_squared else F.gelu(h)
-        return F.linear(h, self.proj_w.type_as(h))
+        return linear(h, self.proj_w, self.proj_b)
 
 
 class Block(nn.Module):
@@ -48,6 +54,8 @@ class Block(nn.Module):
         if cfg.x0_mix:  # x = r x + a x0 (+ b x02)
             self.resid_lambda = nn.Parameter(torch.tensor(cfg.resid_lambda_init))
             self.x0_lambdas = nn.Parameter(torch.zeros(2 if cfg.second_embed else 1))
+        self.attn_gain = optional_gain(cfg.model_dim, cfg.norm_gains and has_attention)  # --norm-gains
+        self.mlp_gain = optional_gain(cfg.model_dim, cfg.norm_gains)
 
     def forward(self, x, x0, x02, value_embed, attn_mask, cos, sin, scale):
         if self.resid_lambda is not None:
@@ -55,8 +63,8 @@ class Block(nn.Module):
             if x02 is not None:
                 x = x + self.x0_lambdas[1] * x02
         if self.attn is not None:
-            x = x + self.attn(rms_norm(x), value_embed, attn_mask, cos, sin, scale)
-        return x + self.mlp(rms_norm(x))
+            x = x + self.attn(rms_norm(x, self.attn_gain), value_embed, attn_mask, cos, sin, scale)
+        return x + self.mlp(rms_norm(x, self.mlp_gain))
 
 
 class GPT(nn.Module):
@@ -81,11 +89,15 @@ class GPT(nn.Module):
             self.skip_gates = nn.Parameter(torch.zeros(len(self.skips), cfg.gate_dims))
         else:
             self.skip_weights = nn.Parameter(torch.ones(len(self.skips)))
-        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=cfg.linear_bias)
         if cfg.head_init_std > 0:
             nn.init.normal_(self.head.weight, mean=0.0, std=cfg.head_init_std)
         elif cfg.zero_init_proj:
             self.head.weight.data.zero_()
+        if cfg.linear_bias:
+            self.head.bias.data.zero_()
+        self.embed_gain = optional_gain(d, cfg.norm_gains)  # RMSNorm after the embedding (--norm-gains)
+        self.final_gain = optional_gain(d, cfg.norm_gains)  # RMSNorm before the head
         self.embed2 = nn.Embedding(cfg.vocab_size, d) if cfg.second_embed else None
         if cfg.smear:  # x_t += smear_lambda * sigmoid(W x_t[:gate_dims]) * x_{t-1}
             self.smear_gate = nn.Parameter(torch.zeros(1, cfg.gate_dims))
@@ -161,7 +173,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, masks: dict) -> torch.Tensor:
         """idx (B, T) -> the normed final hidden states (B, T, d) that feed the head."""
-        x = x0 = rms_norm(self.input_embedding(idx))
+        x = x0 = rms_norm(self.input_embedding(idx), self.embed_gain)
         x02 = rms_norm(self.embed2(idx)) if self.embed2 is not None else None
         value_embeds = [table(idx) for table in self.value_embeds]
         cos, sin = rotary_cos_sin(self.rotary_freqs, idx.size(1))
@@ -177,7 +189,7 @@ class GPT(nn.Module):
             outputs[i] = x
         if self.cfg.backout_layer >= 0:  # remove what an early-middle layer wrote for context, not prediction
             x = x - self.backout_lambda * outputs[self.cfg.backout_layer]
-        return rms_norm(x)
+        return rms_norm(x, self.final_gain)
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         c = self.cfg.logit_softcap

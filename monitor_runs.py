@@ -3,11 +3,14 @@
     python monitor_runs.py                      # every log under logs/
     python monitor_runs.py logs/ord --watch     # refresh in place every 10 s
     python monitor_runs.py records/medium/*/ --target 2.92 --json
+    python monitor_runs.py logs/track3_optimizers    # track3 runs: steps to 3.28, the target their config names
 
 Status: finished (a val_loss line at step == total); crashed (a traceback or `error:` line in the log, or
 launch_sweep.py recorded a non-zero exit code or a process that vanished); queued (waiting in launch_sweep.py;
 cancelled if the launcher stopped first); running or stalled (stalled: the log, or the launcher's files while there
 is no log yet, unchanged for --stall-minutes).
+Steps-to-target: the step of the first validation at or below the target (`--target`; without it, the target a
+run's config names, `val_loss_target`, else 2.92).
 Reads our logs and the official record logs through runlog.parse_log.
 """
 
@@ -36,6 +39,7 @@ class RunRow:
     best_val: float | None
     step_avg_ms: float | None
     eta_s: float | None  # remaining training time from step_avg (validation excluded)
+    target: float  # val loss target of this run
     target_step: int | None  # first step whose val loss <= target, None if never
     note: str
 
@@ -73,8 +77,12 @@ def classify(log: runlog.RunLog | None, status: dict | None, age_s: float | None
     return "running", "empty log" if log is not None and log.empty else ""
 
 
-def collect_runs(paths: list[str], target: float, stall_s: float, now: float | None = None) -> list[RunRow]:
-    """One row per run found under the given directories / files / globs (logs and launcher status files)."""
+DEFAULT_TARGET = 2.92  # the medium track's
+
+
+def collect_runs(paths: list[str], target: float | None, stall_s: float, now: float | None = None) -> list[RunRow]:
+    """One row per run found under the given directories / files / globs (logs and launcher status files).
+    target None: each run's configured target (runlog.RunLog.target), else DEFAULT_TARGET."""
     now = time.time() if now is None else now
     logs = runlog.find_logs(paths)
     keyed: dict[tuple[str, str], str | None] = {}  # (directory, tag) -> log path or None
@@ -99,17 +107,20 @@ def collect_runs(paths: list[str], target: float, stall_s: float, now: float | N
     return rows
 
 
-def _row(tag: str, directory: str, state: str, note: str, log: runlog.RunLog | None, target: float) -> RunRow:
+def _row(tag: str, directory: str, state: str, note: str, log: runlog.RunLog | None,
+         target: float | None) -> RunRow:
     if log is None:
-        return RunRow(tag, directory, state, None, None, None, None, None, None, None, note)
+        return RunRow(tag, directory, state, None, None, None, None, None, None,
+                      DEFAULT_TARGET if target is None else target, None, note)
+    target = log.target(DEFAULT_TARGET) if target is None else target
     last_step, step_avg = log.last_step, log.step_avg_ms
     eta = None
     if state in ("running", "stalled") and None not in (last_step, step_avg, log.total_steps):
         eta = max(0, log.total_steps - last_step) * step_avg / 1000
-    reached = [p.step for p in log.val if p.loss <= target]
+    summary = log.summary(target)
     last_val = log.last_val
     return RunRow(tag, directory, state, last_step, log.total_steps, last_val.loss if last_val else None,
-                  log.best_val_loss, step_avg, eta, reached[0] if reached else None, note)
+                  log.best_val_loss, step_avg, eta, target, summary["steps_to_target"], note)
 
 
 def _duration(seconds: float | None) -> str:
@@ -120,11 +131,14 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def render(rows: list[RunRow], target: float) -> str:
+def render(rows: list[RunRow]) -> str:
     if not rows:
         return "no runs found"
     many_dirs = len({r.directory for r in rows}) > 1
-    header = ["tag", "status", "step", "last val", "best val", "step_avg", "ETA", f"<={target:g}", "note"]
+    targets = {r.target for r in rows}
+    # one target: its value in the header; several (runs of different tracks): each cell names its own
+    target_header = f"<={targets.pop():g}" if len(targets) == 1 else "<=target"
+    header = ["tag", "status", "step", "last val", "best val", "step_avg", "ETA", target_header, "note"]
     table = []
     for r in rows:
         name = os.path.join(os.path.basename(r.directory) or r.directory, r.tag) if many_dirs else r.tag
@@ -135,7 +149,8 @@ def render(rows: list[RunRow], target: float) -> str:
             "-" if r.best_val is None else f"{r.best_val:.4f}",
             "-" if r.step_avg_ms is None else f"{r.step_avg_ms:.1f}ms",
             _duration(r.eta_s),
-            "-" if r.target_step is None else f"yes@{r.target_step}",
+            ("-" if r.target_step is None else f"yes@{r.target_step}")
+            + ("" if target_header != "<=target" else f" ({r.target:g})"),
             r.note,
         ])
     counts = {}
@@ -149,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=["logs"], metavar="LOGDIR",
                         help="log directories (searched recursively), log files or globs (default: logs)")
-    parser.add_argument("--target", type=float, default=2.92, help="val loss target (default 2.92)")
+    parser.add_argument("--target", type=float, default=None,
+                        help=f"val loss target (default: each run's configured target, else {DEFAULT_TARGET})")
     parser.add_argument("--stall-minutes", type=float, default=10.0,
                         help="a run whose files have not changed for this long is stalled (default 10)")
     parser.add_argument("--watch", action="store_true", help="refresh the table in place until Ctrl-C")
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect_runs(args.paths, args.target, args.stall_minutes * 60)
         if args.json:
             return json.dumps([asdict(r) for r in rows], indent=1)
-        return render(rows, args.target)
+        return render(rows)
 
     try:
         text = snapshot()

@@ -7,6 +7,8 @@ of 100 '=', then progress lines such as
     step:1/200 train_loss:10.8143 train_time:1234ms step_avg:1234.00ms
     peak memory allocated: 123 MiB reserved: 456 MiB
 
+(the optimizer benchmark's logs, track 3, print `train_time:503.169s` in seconds; both units are read)
+
 with free-form lines, `error: ...` lines and Python tracebacks possibly in between. `parse_log` is the one parser
 used by monitor_runs.py, plot_loss.py, make_record.py and launch_sweep.py.
 
@@ -103,6 +105,35 @@ class RunLog:
     def last_val(self) -> ValPoint | None:
         return self.val[-1] if self.val else None
 
+    def first_val_at_or_below(self, target: float) -> ValPoint | None:
+        """The first validation whose loss is <= target (its step is the run's steps-to-target), else None."""
+        for point in self.val:
+            if math.isfinite(point.loss) and point.loss <= target:
+                return point
+        return None
+
+    def target(self, default: float) -> float:
+        """The val loss target the run was configured with (config `val_loss_target`, 0 = none), else default."""
+        value = (self.config or {}).get("val_loss_target")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else default
+
+    def summary(self, target: float) -> dict:
+        """The run in one dict: progress, final and best val loss, and steps-to-target (the step of the first
+        validation at or below target, None if none) with the training time up to it."""
+        final, reached = self.final_val, self.first_val_at_or_below(target)
+        return {
+            "tag": self.tag, "seed": self.seed, "finished": self.finished, "crashed": self.crashed,
+            "last_step": self.last_step, "total_steps": self.total_steps,
+            "final_val_loss": final.loss if final else None, "best_val_loss": self.best_val_loss,
+            "target": target, "steps_to_target": reached.step if reached else None,
+            "train_time_to_target_s": reached.train_time_ms / 1000 if reached else None,
+        }
+
+    def val_at(self, step: int) -> ValPoint | None:
+        """The validation at this step (the last one logged there), else None."""
+        found = [p for p in self.val if p.step == step]
+        return found[-1] if found else None
+
     @property
     def best_val_loss(self) -> float | None:
         finite = [p.loss for p in self.val if math.isfinite(p.loss)]
@@ -144,8 +175,9 @@ def _parse_number(text: str, suffix: str = "") -> float | None:
 def parse_progress_line(line: str) -> tuple[int, int, dict[str, float]] | None:
     """`step:A/B key:value ...` -> (A, B, {key: value}); None if the line is not a complete progress line.
 
-    Values: val_loss / train_loss as floats, train_time / step_avg in ms (the `ms` suffix is required, so a line
-    cut off in the middle of a number is rejected). Unknown keys are kept if numeric.
+    Values: val_loss / train_loss as floats, train_time / step_avg in ms. A unit suffix is required (`ms`; train_time
+    may also be in seconds, `s`, as the track-3 logs print it), so a line cut off in the middle of a number is
+    rejected. Unknown keys are kept if numeric.
     """
     tokens = line.split()
     if not tokens:
@@ -159,6 +191,9 @@ def parse_progress_line(line: str) -> tuple[int, int, dict[str, float]] | None:
         if not sep:
             return None
         value = _parse_number(raw, "ms" if key in ("train_time", "step_avg") else "")
+        if value is None and key == "train_time":
+            seconds = _parse_number(raw, "s")
+            value = None if seconds is None else 1000 * seconds
         if value is None:
             return None
         fields[key] = value

@@ -30,7 +30,7 @@ class StepSchedule:
     tokens: int  # tokens per optimizer step, all ranks together
     lr_mult: float  # multiplier of every optimizer's lr
     momentum: float  # matrix-optimizer momentum
-    long_window: int  # tokens (see the module docstring)
+    long_window: int  # tokens (see the module docstring); 0 without a sliding window (no window to change)
     short_window: int
     mtp_weights: tuple[float, ...]  # loss weight of the token 1, 2, ... positions ahead; (1.0,) = next token only
     tied: bool  # the input embedding is the head's weight
@@ -225,7 +225,7 @@ def untie_step(cfg: Hyperparameters) -> int:
 
 def schedule_at(cfg: Hyperparameters, step: int, final: bool = False) -> StepSchedule:
     """Everything step `step` runs with; final=True: the final validation at step num_iterations."""
-    long_window = window_tokens_at(cfg, step, final=final)
+    long_window = window_tokens_at(cfg, step, final=final) if cfg.sliding_window else 0
     mtp, mtp_phase = mtp_weights_at(cfg, step)
     changes, scale = yarn_at(cfg, step, final=final)
     split = untie_step(cfg)
@@ -234,6 +234,17 @@ def schedule_at(cfg: Hyperparameters, step: int, final: bool = False) -> StepSch
         long_window=long_window, short_window=short_window_tokens(cfg, long_window), mtp_weights=mtp,
         tied=split >= 0 and step <= split, attn_scale=scale, yarn_changes=changes,
         lr_phase=lr_phase(cfg, step), momentum_phase=momentum_phase(cfg, step), mtp_phase=mtp_phase)
+
+
+def validation_due(cfg: Hyperparameters, step: int) -> bool:
+    """Whether the loop validates before training step `step` (0-based; step == num_iterations is the end):
+    always at the end; every val_loss_every steps; with val_loss_every_late > 0, every val_loss_every_late steps
+    instead once step / num_iterations >= val_late_start (track 3: 125, then 25 in the last 10%)."""
+    if step == cfg.num_iterations:
+        return True
+    late = cfg.val_loss_every_late > 0 and step / cfg.num_iterations >= cfg.val_late_start
+    every = cfg.val_loss_every_late if late else cfg.val_loss_every
+    return every > 0 and step % every == 0
 
 
 def compile_key(s: StepSchedule) -> tuple:
@@ -327,4 +338,9 @@ def format_schedule_table(cfg: Hyperparameters, world_size: int) -> str:
     if split >= 0:
         notes.append(f"head and embedding split after the optimizer step of step {split} (with the head's Adam state)")
     notes.append(f"transition steps: {transition_steps(cfg)}")
+    if cfg.val_loss_every_late > 0:
+        late = next(s for s in range(cfg.num_iterations + 1) if s / cfg.num_iterations >= cfg.val_late_start)
+        due = [s for s in range(cfg.num_iterations + 1) if validation_due(cfg, s)]
+        notes.append(f"validation: every {cfg.val_loss_every} steps, every {cfg.val_loss_every_late} from step {late} "
+                     f"(val_late_start {cfg.val_late_start:g}) and at the end: {len(due)} validations")
     return "\n".join(out + notes)

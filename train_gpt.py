@@ -32,9 +32,11 @@ if REPO_ROOT not in sys.path:
 
 from config import (MATRIX_ROLES, ConfigError, Hyperparameters, parse_config,  # noqa: E402
                     parse_matrix_lr_muls, parse_optimizer_args, validate_config)
+import track3  # noqa: E402
+from attention import needs_masks  # noqa: E402
 from model import GPT  # noqa: E402
 from schedules import (format_schedule_table, forwards_per_step, schedule_at, short_window_tokens,  # noqa: E402
-                       untie_step, warmup_plan)
+                       untie_step, validation_due, warmup_plan)
 from train_log import BufferedStepLog  # noqa: E402
 # re-exported: spectral_probe.py and bench/optimizer_race.py run their own steps with the loop's schedules
 from schedules import lr_multiplier, momentum_at, window_tokens_at  # noqa: E402,F401
@@ -67,7 +69,7 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, diagnostics_path: str | N
                    dict(params=params("vector_gate"), lr=cfg.gate_lr, weight_decay_mul=0.0),
                    dict(params=params("x0_lambda"), lr=cfg.x0_lambda_lr or cfg.scalar_lr, weight_decay_mul=0.0),
                    dict(params=params("scalar"), lr=cfg.scalar_lr, betas=(cfg.scalar_beta1, cfg.scalar_beta2),
-                        weight_decay_mul=0.0)]
+                        weight_decay_mul=cfg.scalar_weight_decay_mul)]
     matrix_cls = get_optimizer_class(cfg.optimizer)
     accepted = inspect.signature(matrix_cls.__init__).parameters
     lr_muls = parse_matrix_lr_muls(cfg.matrix_lr_muls)
@@ -279,9 +281,11 @@ def evaluate(model, cfg: Hyperparameters, step: int, rank: int, world_size: int,
     raw.apply_schedule(schedule)
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    # FlexAttention packs one row of val_seq_len tokens. The dense CPU path scores the same tokens as rows of the
-    # training length seq_len (when it divides val_seq_len), so every position has the context it had in training.
-    rows = 1 if use_flex or cfg.val_seq_len % cfg.seq_len else cfg.val_seq_len // cfg.seq_len
+    # FlexAttention packs one row of val_seq_len tokens. The dense CPU path and plain causal attention score the same
+    # tokens as rows of the training length seq_len (when it divides val_seq_len), so every position has the context
+    # it had in training.
+    one_row = (use_flex and needs_masks(cfg)) or cfg.val_seq_len % cfg.seq_len
+    rows = 1 if one_row else cfg.val_seq_len // cfg.seq_len
     with torch.no_grad(), autocast(device):
         for inputs, targets in iter_val_batches(cfg.val_files, rows, cfg.val_seq_len // rows, cfg.val_tokens,
                                                 rank=rank, world_size=world_size, device=device):
@@ -334,6 +338,14 @@ def baseline_lines(cfg: Hyperparameters, final_val_loss: float) -> list[str]:
         lines.append(f"final val_loss {final_val_loss:.4f} vs {name} model of the same data {value:.4f} "
                      f"({value - final_val_loss:.2f} nats lower)")
     return lines
+
+
+def steps_to_target_line(val_losses: dict[int, float], target: float) -> str:
+    """The run's steps-to-target: the first validation at or below target (runlog reads the same from the log)."""
+    reached = [step for step, loss in sorted(val_losses.items()) if loss <= target]
+    if reached:
+        return f"steps to target val_loss {target:g}: {reached[0]}"
+    return f"steps to target val_loss {target:g}: not reached (best {min(val_losses.values()):.4f})"
 
 
 def make_train_loader(cfg: Hyperparameters, rank: int, world_size: int, device: torch.device):
@@ -488,6 +500,9 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     model = GPT(cfg).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     log.write(f"model: {num_params / 1e6:.2f}M parameters, {cfg.num_layers} layers, d={cfg.model_dim}")
+    statement = track3.benchmark_statement(cfg)
+    if statement:
+        log.write(statement)
     if cfg.bf16_storage:
         log.write(f"bf16 storage (Adam moments in bf16 too): {', '.join(apply_bf16_storage(model))}")
     diagnostics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.{cfg.optimizer}.jsonl")
@@ -545,8 +560,7 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
     with steps_log:  # an exception still writes every finished step's line
         for step in range(start_step, total + 1):
             last = step == total
-            validate_now = last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0)
-            if validate_now and not (resume_meta is not None and step == start_step):
+            if validation_due(cfg, step) and not (resume_meta is not None and step == start_step):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
@@ -582,6 +596,8 @@ def train(cfg: Hyperparameters, status: dict | None = None) -> dict:
                   f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     for line in optimizer_summary(optimizers[1]):
         log.write(line)
+    if cfg.val_loss_target > 0 and val_losses:
+        log.write(steps_to_target_line(val_losses, cfg.val_loss_target))
     if cfg.report_baselines and master:
         for line in baseline_lines(cfg, val_losses[total]):
             log.write(line)
@@ -601,6 +617,9 @@ def dry_run(cfg: Hyperparameters) -> int:
         print("config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
         print(f"\npreset {cfg.preset}: {cfg.num_iterations} steps, world size {world_size}, {accum_steps} "
               f"accumulation step(s) per optimizer step\n")
+        statement = track3.benchmark_statement(cfg)
+        if statement:
+            print(statement + "\n")
         print(format_schedule_table(cfg, world_size), flush=True)
     return 0
 

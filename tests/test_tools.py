@@ -269,7 +269,8 @@ def test_a_run_that_cannot_start_is_recorded_as_crashed(tmp_path):
     assert "could not start the run" in open(runlog.console_path(str(tmp_path), "x-s0")).read()
 
 
-def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher sets it only when the caller has not
     spec = tmp_path / "s.json"
     spec.write_text(json.dumps({**SPEC, "log_dir": str(tmp_path / "logs")}))
     assert launch_sweep.main([str(spec), "--dry-run", "--gpus", "8"]) == 0
@@ -286,6 +287,10 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     assert launch_sweep.main([str(spec), "--dry-run", "--cpu", "--only", "muon-*"]) == 0
     commands = [line for line in capsys.readouterr().out.splitlines() if "--nproc_per_node" in line]
     assert len(commands) == 4 and all(line.startswith("CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS=") for line in commands)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's setting is inherited, not overridden
+    assert launch_sweep.main([str(spec), "--dry-run", "--cpu", "--only", "muon-*"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "--nproc_per_node" in line]
+    assert len(commands) == 4 and not any("OMP_NUM_THREADS" in line for line in commands)
     assert launch_sweep.main([str(spec), "--gpus", "1"]) == 2  # the 2-GPU runs cannot fit: nothing starts
     assert "runs need 2 GPUs but 1 are available" in capsys.readouterr().err and not (tmp_path / "logs").exists()
 

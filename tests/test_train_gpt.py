@@ -180,7 +180,8 @@ def test_flex_attention_path_matches_sdpa_path():
     dict(merged_qkvo=False), dict(qk_norm=False, v_norm=False), dict(rotary="full"), dict(rotary="none"),
     dict(num_value_embeds=0), dict(x0_mix=False), dict(skip_connections=""), dict(mlp_only_layers="1"),
     dict(relu_squared=False), dict(zero_init_proj=False), dict(logit_softcap=0.0), dict(doc_mask=False),
-    dict(sliding_window=False),
+    dict(sliding_window=False), dict(doc_mask=False, sliding_window=False),
+    dict(linear_bias=True, merged_qkvo=False), dict(norm_gains=True), dict(hidden_init="normal"),
 ])
 def test_every_feature_switch_trains(switch):
     cfg = tiny_cfg(**switch)
