@@ -1,8 +1,10 @@
 """Ground truth for the echo estimators: what `spectral_probe.py --truth` measures at a checkpoint.
 
 Truth. G_true = the mean of n_truth (>= 64) replicate gradients drawn from random positions of the training data,
-independent of the estimators' replicates. Its own noise is ~1/n_truth of one replica's; the split-half
-difference bounds it: floor = RMS(zeta(half A) - zeta(half B)) / 2 per region, the error of the full truth.
+disjoint from the estimators' replicates (rows are drawn without replacement: no token is in two replicates).
+Its own noise is ~1/n_truth of one replica's (the mean of K estimator replicates has K / n_truth of it); the
+split-half difference bounds it: floor = RMS(zeta(half A) - zeta(half B)) / 2 per region, the error of the full
+truth.
 
 Atoms ("kinds"), for each estimator replicate count K in k_list:
   replica   the atoms of one replica (replica 0 of the estimator set): what the reverb estimates;
@@ -13,14 +15,19 @@ True echoes of each kind's atoms by rank: zeta_i = u_i^T msign(G_true) v_i, a_i 
 
 Estimators, each applied by rank as the optimizer would apply it:
   direction echo zeta: reverb:<align>:<solver> (9 variants, the user's reverb), cross_polar, plateau_mode (the
-    plateau mode's weights rho f(s) / f(s_max) on the kind's atoms), msign (1 everywhere: no shrinkage);
+    plateau mode's weights rho f(s) / f(s_max) on the kind's atoms), msign (1 everywhere: no shrinkage) and, as
+    a bound rather than an estimator, oracle_replica_median (the median over the K replicas of their own true
+    zeta by rank: the best a rank-indexed echo of one replica can do);
   amplitude echo a: cross_projection (replica kind: replica 0's atoms probed with the other K - 1; mean kind:
     leave-one-out, atoms of the mean of K - 1; momentum kind: the fit mode's operating point, atoms of the
     momentum input built from the atom half probed with the other half). Errors in units of the kind's largest
     singular value (a / s_max): per-atom ratios a / s are unstable at small s, which is why the probe and mode
     fit use ratio-of-sums over bins.
 Errors: bias and RMSE of estimate - truth per region of the kind's true zeta: top (>= 0.5 of its max),
-bulk (< 0.1 of its max), knee (between).
+bulk (< 0.1 of its max), knee (between). Atoms with s < NULL_REL s_max are numerically null (e.g. layer 0's
+Q/K/V under byte inputs: the gradient's row space is the span of the bytes in the batch): counted, in no region.
+Mechanism: per region, the median true zeta and the median largest share of it on ONE true atom
+(single_atom_overlap): the part of the echo that a one-to-one matching of atoms (the reverb) can see.
 """
 from __future__ import annotations
 
@@ -34,13 +41,14 @@ from optimizers import echo, reverb
 
 REGIONS = ("top", "knee", "bulk")
 TOP_LEVEL, BULK_LEVEL = 0.5, 0.1  # region edges as fractions of the kind's largest true zeta
+NULL_REL = 1e-6  # atoms with s below this fraction of s_max are numerically null (float32 gradients): no region
 KINDS = ("replica", "mean", "momentum")
 K_LIST = (4, 8, 16, 32)
 REVERB_VARIANTS = tuple(f"reverb:{a}:{s}" for a in reverb.ALIGNMENTS for s in reverb.SOLVERS)
 USERS_OPTIMIZER = "reverb:none:fieller"  # the user's optimizer today (training/echo.py)
 USERS_ANALYSIS = "reverb:greedy_mean:ols_division_free"  # the user's analysis pipeline
 PLOT_ESTIMATORS = (USERS_OPTIMIZER, USERS_ANALYSIS, "reverb:greedy_mean:ols_weighted", "cross_polar",
-                   "plateau_mode", "msign")
+                   "plateau_mode", "msign", "oracle_replica_median")
 PLATEAU_TOP = 8  # atoms whose median true zeta is "the plateau" a scalar predictor is compared with
 
 
@@ -62,19 +70,21 @@ def momentum_input(mean: torch.Tensor, buffer: torch.Tensor, momentum: float, ne
     return mean + momentum * (new_buffer - mean) if nesterov else new_buffer
 
 
-def regions(zeta_true: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Masks of the top / knee / bulk atoms by the true direction echo."""
-    top = float(zeta_true.max())
-    masks = {"top": zeta_true >= TOP_LEVEL * top, "bulk": zeta_true < BULK_LEVEL * top}
-    masks["knee"] = ~(masks["top"] | masks["bulk"])
-    return masks
+def regions(zeta_true: torch.Tensor, s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Masks of the top / knee / bulk atoms by the true direction echo, and of the numerically null atoms
+    (s < NULL_REL s_max, when s is given), which belong to no other region."""
+    null = torch.zeros_like(zeta_true, dtype=torch.bool) if s is None else s < NULL_REL * s.max()
+    top = float(zeta_true[~null].max()) if bool((~null).any()) else 0.0
+    masks = {"top": (zeta_true >= TOP_LEVEL * top) & ~null, "bulk": (zeta_true < BULK_LEVEL * top) & ~null}
+    masks["knee"] = ~(masks["top"] | masks["bulk"] | null)
+    return {**{k: masks[k] for k in REGIONS}, "null": null}
 
 
 def errors(estimate: torch.Tensor, truth: torch.Tensor, masks: dict) -> dict:
-    """{region: {"bias", "rmse", "n"}} of estimate - truth (NaN estimates count as missing)."""
+    """{region: {"bias", "rmse", "n"}} of estimate - truth over REGIONS (NaN estimates count as missing)."""
     out = {}
-    for name, m in masks.items():
-        d = (estimate.double() - truth.double())[m]
+    for name in REGIONS:
+        d = (estimate.double() - truth.double())[masks[name]]
         d = d[torch.isfinite(d)]
         out[name] = {"bias": float(d.mean()) if d.numel() else float("nan"),
                      "rmse": float(d.pow(2).mean().sqrt()) if d.numel() else float("nan"), "n": int(d.numel())}
@@ -82,10 +92,10 @@ def errors(estimate: torch.Tensor, truth: torch.Tensor, masks: dict) -> dict:
 
 
 def _echoes(X: torch.Tensor, G: torch.Tensor, P: torch.Tensor) -> dict:
-    """s, zeta = diag(U^T P V), a = diag(U^T G V) for X's atoms (P = msign(G), precomputed)."""
+    """s, zeta = diag(U^T P V), a = diag(U^T G V) and the atoms U, V for X's atoms (P = msign(G), precomputed)."""
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     V = Vh.mT
-    return {"s": S, "zeta": ((P @ V) * U).sum(-2), "a": ((G @ V) * U).sum(-2)}
+    return {"s": S, "zeta": ((P @ V) * U).sum(-2), "a": ((G @ V) * U).sum(-2), "U": U, "V": V}
 
 
 def plateau_weights(s: torch.Tensor, rho: float, c_rel: float) -> torch.Tensor:
@@ -112,6 +122,34 @@ def amplitude_estimate(R: torch.Tensor, kind: str, buffer, momentum: float, nest
     return echo.project_atoms(U, Vh.mT, R[n_atom:].mean(0))
 
 
+def reverb_estimates(svds_all, R_est: torch.Tensor, k_list) -> dict[int, dict[str, torch.Tensor]]:
+    """{K: {estimator: zeta (D,)}} for the REVERB_VARIANTS and cross_polar on the first K replicas, K in k_list.
+
+    Equal to reverb.reverb_from_svds / cross_polar_echo on R_est[:K] (tested), computed once where the answer of
+    K replicas is a sub-block of K_max's: the Hungarian and raw alignments align each replica to replica 0 alone,
+    and the cross-polar term of a pair depends on that pair only. Greedy alignment to the mean is redone per K."""
+    k_max = max(k_list)
+    aligned = {a: reverb.reverb_matrices(*reverb.align_atoms(svds_all, a)[::2]) for a in ("hungarian_ref", "none")}
+    z_cross = reverb.cross_polar_matrix(svds_all, max(R_est.shape[1:]))
+    out = {}
+    for K in k_list:
+        svds = reverb.subset_svds(svds_all, range(K)) if K < k_max else svds_all
+        Z = {"greedy_mean": reverb.reverb_matrices(*reverb.align_atoms(svds, "greedy_mean",
+                                                                       reverb.mean_svd(R_est[:K]))[::2]),
+             **{a: z[:, :K, :K] for a, z in aligned.items()}}
+        out[K] = {name: reverb.zeta_from_reverb(Z[name.split(":")[1]], name.split(":")[2])[0]
+                  for name in REVERB_VARIANTS}
+        out[K]["cross_polar"] = reverb.zeta_from_cross_polar(z_cross[:K, :K])[0]
+    return out
+
+
+def single_atom_overlap(U: torch.Tensor, V: torch.Tensor, U_true: torch.Tensor, V_true: torch.Tensor) -> torch.Tensor:
+    """Per atom i of X: max_j |<u_i, u_j^true><v_i, v_j^true>|, the largest share of its direction echo
+    zeta_i = sum_j <u_i, u_j^true><v_i, v_j^true> (sign(s_j) = 1) carried by one true atom: what an estimator
+    that matches atoms one to one (the reverb) can see of it."""
+    return ((U.mT @ U_true) * (V.mT @ V_true)).abs().amax(-1)
+
+
 def truth_for_matrix(R_est: torch.Tensor, truth_a: torch.Tensor, truth_b: torch.Tensor, buffer: torch.Tensor | None,
                      momentum: float, nesterov: bool, k_list=K_LIST, plot_k: int = 8, plateau_c_rel: float = 1e-2,
                      dtype: torch.dtype = torch.float64) -> list[dict]:
@@ -119,44 +157,53 @@ def truth_for_matrix(R_est: torch.Tensor, truth_a: torch.Tensor, truth_b: torch.
 
     R_est: (K_max, M, N) estimator replicates; truth_a / truth_b: the means of the two halves of the truth set;
     buffer: the optimizer's momentum buffer before the step (None: no momentum kind); dtype of every SVD
-    (float32 on a GPU for large matrices). Returns one record per
-    (K, kind): {"K", "atoms", "regions", "floor", "zeta", "amplitude", "plateau", "curves" (at K = plot_k)}.
+    (float32 on a GPU for large matrices). Returns one record per (K, kind): {"K", "atoms", "regions" (atom
+    counts, "null" included), "floor", "zeta", "amplitude", "plateau", "mechanism", "curves" (at K = plot_k)}.
+    Reference rows besides the estimators: "oracle_replica_median" (the median over the K replicas of their own
+    true zeta by rank: the best any one-replica echo indexed by rank can do) and "msign" (1 everywhere).
     """
     R_est = reverb.replica_stack(R_est, max(4, min(k_list)), "the truth study", dtype=dtype)
+    k_list = [k for k in k_list if k <= R_est.size(0)]
     G_a, G_b = truth_a.to(dtype), truth_b.to(dtype)
     G = (G_a + G_b) / 2
     buffer = None if buffer is None else buffer.to(dtype)
     P, P_a, P_b = reverb.polar_factor(G), reverb.polar_factor(G_a), reverb.polar_factor(G_b)
+    U_G, _, Vh_G = torch.linalg.svd(G, full_matrices=False)
     svds_all = reverb.replica_svds(R_est)
+    zeta_own = ((P @ svds_all[2]) * svds_all[0]).sum(-2)  # (K_max, D): each replica's own true zeta by rank
+    estimates = reverb_estimates(svds_all, R_est, k_list)
     out = []
-    for K in [k for k in k_list if k <= R_est.size(0)]:
+    for K in k_list:
         R = R_est[:K]
-        svds, mean = reverb.subset_svds(svds_all, range(K)), reverb.mean_svd(R)
-        zeta_est = {name: reverb.reverb_from_svds(svds, mean, *name.split(":")[1:])["zeta"] for name in REVERB_VARIANTS}
-        zeta_est["cross_polar"] = reverb.cross_polar_echo(R, svds=svds, dtype=dtype)["zeta"]
-        plateau = reverb.plateau_rho(R, svds=svds, mean=mean, dtype=dtype)
+        zeta_est = estimates[K]
+        plateau = reverb.plateau_rho(R, svds=reverb.subset_svds(svds_all, range(K)), mean=reverb.mean_svd(R),
+                                     dtype=dtype)
         kinds = {"replica": R[0], "mean": R.mean(0)}
         if buffer is not None:
             kinds["momentum"] = momentum_input(R.mean(0), buffer, momentum, nesterov)
         for kind, X in kinds.items():
             true, half_a, half_b = _echoes(X, G, P), _echoes(X, G_a, P_a), _echoes(X, G_b, P_b)
-            masks = regions(true["zeta"])
+            masks = regions(true["zeta"], true["s"])
             ests = {**zeta_est, "plateau_mode": plateau_weights(true["s"], plateau["rho"], plateau_c_rel),
-                    "msign": torch.ones_like(true["s"])}
+                    "msign": torch.ones_like(true["s"]), "oracle_replica_median": zeta_own[:K].median(0).values}
             s_max = float(true["s"][0])
             a_hat = amplitude_estimate(R, kind, buffer, momentum, nesterov)
             floor_zeta = {k: v["rmse"] / 2 for k, v in errors(half_a["zeta"], half_b["zeta"], masks).items()}
             floor_amp = {k: v["rmse"] / 2 for k, v in errors(half_a["a"] / s_max, half_b["a"] / s_max, masks).items()}
+            single = single_atom_overlap(true["U"], true["V"], U_G, Vh_G.mT)
             top_plateau = float(true["zeta"][:PLATEAU_TOP].median())
             rec = {"K": K, "atoms": kind, "regions": {k: int(m.sum()) for k, m in masks.items()},
                    "floor": {"zeta": floor_zeta, "amplitude": floor_amp},
                    "zeta": {name: errors(est, true["zeta"], masks) for name, est in ests.items()},
                    "amplitude": {"cross_projection": errors(a_hat / s_max, true["a"] / s_max, masks)},
                    "plateau": {"true_top": top_plateau, "rho": plateau["rho"], "rho_se": plateau["rho_se"],
-                               "multiplicative": plateau["plateau_multiplicative"]}}
+                               "multiplicative": plateau["plateau_multiplicative"]},
+                   "mechanism": {g: {"zeta": float(true["zeta"][masks[g]].median()) if masks[g].any() else None,
+                                     "single_atom": float(single[masks[g]].median()) if masks[g].any() else None}
+                                 for g in REGIONS}}
             if K == plot_k:
                 rec["curves"] = {"s": true["s"], "zeta_true": true["zeta"], "a_true": true["a"],
-                                 "a_cross_projection": a_hat,
+                                 "a_cross_projection": a_hat, "single_atom": single,
                                  **{f"zeta_{name}": ests[name] for name in PLOT_ESTIMATORS}}
             out.append(rec)
     return out
@@ -238,7 +285,9 @@ def truth_checkpoint(path: str, n_truth: int = 64, k_list=K_LIST, seed: int = 0,
         with train_gpt.autocast(dev):
             return m(inputs, targets, train_gpt.model_masks(m, inputs, window, False))
 
-    batches = spectral_probe.random_row_batches(train_files or cfg.train_files, rows, seq_len, seed + 7919 * step)
+    # one stream without replacement: no token is in two replicates, so truth and estimators are disjoint
+    batches = spectral_probe.random_row_batches(train_files or cfg.train_files, rows, seq_len, seed + 7919 * step,
+                                                disjoint=True)
     k_max = max(k_list)
     t0 = time.time()
     truth = TruthAccumulator()

@@ -71,6 +71,65 @@ def test_truth_for_a_known_gradient_matches_direct_computations():
         float(reverb.true_echo(R.mean(0), G)["zeta"][:echo_truth.PLATEAU_TOP].median()))
 
 
+def test_estimates_reused_across_k_equal_each_estimator_run_on_the_first_k_replicas():
+    gen = torch.Generator().manual_seed(2)
+    G = spiked(12, 24, [6.0, 4.0, 3.9, 2.5], math.sqrt(24), gen)  # a near-degenerate pair: alignment matters
+    R = G + torch.randn(8, 12, 24, generator=gen, dtype=torch.float64)
+    got = echo_truth.reverb_estimates(reverb.replica_svds(R), R, (4, 6, 8))
+    for K in (4, 6, 8):
+        svds, mean = reverb.replica_svds(R[:K]), reverb.mean_svd(R[:K])
+        for name in echo_truth.REVERB_VARIANTS:
+            _, align, solver = name.split(":")
+            torch.testing.assert_close(got[K][name], reverb.reverb_from_svds(svds, mean, align, solver)["zeta"],
+                                       msg=f"{name} K={K}")
+        torch.testing.assert_close(got[K]["cross_polar"], reverb.cross_polar_echo(R[:K])["zeta"])
+
+
+def test_null_atoms_are_counted_apart_and_the_oracle_is_the_replicas_own_truth():
+    # rank-4 replicas of a 10 x 16 matrix (rows spanned by 4 vectors, as layer 0's Q/K/V under few distinct
+    # inputs): atoms 4.. are numerically null and belong to no region
+    gen = torch.Generator().manual_seed(3)
+    basis = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    G = torch.randn(10, 4, generator=gen, dtype=torch.float64) @ basis
+    R = G + 0.5 * torch.randn(6, 10, 4, generator=gen, dtype=torch.float64) @ basis
+    recs = echo_truth.truth_for_matrix(R, G, G, None, 0.9, True, k_list=(4, 6), plot_k=6)
+    for r in recs:
+        assert r["regions"]["null"] == 6 and sum(r["regions"][g] for g in echo_truth.REGIONS) == 4
+        assert sum(r["zeta"]["msign"][g]["n"] for g in echo_truth.REGIONS) == 4
+    masks = echo_truth.regions(torch.tensor([0.9, 0.3, 0.05, 0.7]), torch.tensor([3.0, 2.0, 1.0, 1e-9]))
+    assert [int(masks[g].nonzero()[0]) for g in ("top", "knee", "bulk", "null")] == [0, 1, 2, 3]
+    # the oracle: the median over the K replicas of each one's own true zeta, by rank
+    rec = next(r for r in recs if r["K"] == 6 and r["atoms"] == "replica")
+    own = torch.stack([reverb.true_echo(R[a], G)["zeta"] for a in range(6)]).median(0).values
+    torch.testing.assert_close(rec["curves"]["zeta_oracle_replica_median"], own)
+    # the single-atom share of a replica atom's echo: the largest term of zeta_i = sum_j <u_i,u_j><v_i,v_j>
+    U, _, Vh = torch.linalg.svd(R[0])
+    Ug, _, Vgh = torch.linalg.svd(G)
+    terms = torch.stack([torch.stack([(U[:, i] @ Ug[:, j]) * (Vh[i] @ Vgh[j]) for j in range(10)])
+                         for i in range(10)])
+    torch.testing.assert_close(echo_truth.single_atom_overlap(U, Vh[:10].mT, Ug, Vgh[:10].mT),
+                               terms.abs().amax(1))
+
+
+def test_disjoint_row_batches_never_reuse_a_token(tmp_path):
+    import numpy as np
+    from data.shards import write_shard
+
+    write_shard(str(tmp_path / "t_000000.bin"), np.arange(400, dtype=np.uint16))
+    write_shard(str(tmp_path / "t_000001.bin"), np.arange(400, 700, dtype=np.uint16))
+    batches = spectral_probe.random_row_batches(str(tmp_path / "t_*.bin"), 2, 9, seed=0, disjoint=True)
+    seen = []
+    for _ in range(20):  # 40 rows of 10 tokens out of 700: the tokens are their positions, so overlap shows
+        x, y = next(batches)
+        rows = torch.cat([x, y[:, -1:]], 1)
+        assert (rows[:, 1:] - rows[:, :-1] == 1).all()  # each row is contiguous text
+        seen += rows.flatten().tolist()
+    assert len(seen) == len(set(seen)) == 400
+    with pytest.raises(ValueError, match="no free room"):
+        for _ in range(100):
+            next(batches)
+
+
 @pytest.mark.slow
 def test_truth_command_line_end_to_end(tmp_path):
     from tests.test_train_gpt import TINY_ARGS, run_train_gpt
