@@ -3,6 +3,7 @@ on synthetic replicas with a known gradient, and the command line end to end on 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +52,8 @@ def test_truth_for_a_known_gradient_matches_direct_computations():
     # errors are those of the estimate against that truth, by region
     est = reverb.reverb_echo(R, "none", "fieller")["zeta"]
     truth = reverb.true_echo(R[0], G)["zeta"]
-    top = truth >= 0.5 * truth.max()
+    top = torch.arange(M) < 8  # the first rank bin of 8 atoms holds the 3 spikes: the top of the smoothed curve
+    assert torch.equal(echo_truth.regions(truth, torch.linalg.svdvals(R[0]))["top"], top)
     assert by[8, "replica"]["zeta"][echo_truth.USERS_OPTIMIZER]["top"]["rmse"] == pytest.approx(
         float((est - truth)[top].pow(2).mean().sqrt()), rel=1e-9)
     # the amplitude estimates are optimizers/echo.py's cross-projections at each operating point
@@ -96,8 +98,12 @@ def test_null_atoms_are_counted_apart_and_the_oracle_is_the_replicas_own_truth()
     for r in recs:
         assert r["regions"]["null"] == 6 and sum(r["regions"][g] for g in echo_truth.REGIONS) == 4
         assert sum(r["zeta"]["msign"][g]["n"] for g in echo_truth.REGIONS) == 4
-    masks = echo_truth.regions(torch.tensor([0.9, 0.3, 0.05, 0.7]), torch.tensor([3.0, 2.0, 1.0, 1e-9]))
-    assert [int(masks[g].nonzero()[0]) for g in ("top", "knee", "bulk", "null")] == [0, 1, 2, 3]
+    # regions follow the true zeta averaged over 8 atoms by rank: one atom's dip or spike does not move it
+    zeta = torch.tensor([0.9] * 7 + [0.2] + [0.3] * 8 + [0.02] * 7 + [0.4] + [0.5] * 3, dtype=torch.float64)
+    s = torch.cat([torch.logspace(0, -3, 24, dtype=torch.float64), torch.full((3,), 1e-9, dtype=torch.float64)])
+    masks = echo_truth.regions(zeta, s)
+    assert [int(masks[g].sum()) for g in ("top", "knee", "bulk", "null")] == [8, 8, 8, 3]
+    assert masks["top"][7] and masks["bulk"][23] and masks["null"][24:].all()
     # the oracle: the median over the K replicas of each one's own true zeta, by rank
     rec = next(r for r in recs if r["K"] == 6 and r["atoms"] == "replica")
     own = torch.stack([reverb.true_echo(R[a], G)["zeta"] for a in range(6)]).median(0).values
@@ -112,7 +118,7 @@ def test_null_atoms_are_counted_apart_and_the_oracle_is_the_replicas_own_truth()
 
 
 def test_disjoint_row_batches_never_reuse_a_token(tmp_path):
-    import numpy as np
+
     from data.shards import write_shard
 
     write_shard(str(tmp_path / "t_000000.bin"), np.arange(400, dtype=np.uint16))
@@ -134,7 +140,7 @@ def test_disjoint_row_batches_never_reuse_a_token(tmp_path):
 def test_truth_command_line_end_to_end(tmp_path):
     from tests.test_train_gpt import TINY_ARGS, run_train_gpt
     from data.shards import write_shard
-    import numpy as np
+
 
     rng = np.random.default_rng(0)
     for name, n in (("syn_val_000000.bin", 4096), ("syn_train_000001.bin", 20000)):
@@ -165,3 +171,76 @@ def test_truth_command_line_end_to_end(tmp_path):
         assert exc.value.code == 2
     with pytest.raises(SystemExit):
         spectral_probe.main(["--truth", "--checkpoint", str(tmp_path), "--out", str(out)])  # not a checkpoint
+
+
+# ---- the summary's statistics: verdict limits, intervals, the curve tests -----------------------------------
+
+
+def curve_record(name, step, z, s, kind="momentum", typ="q"):
+    return {"kind": "truth", "name": name, "type": typ, "step": step, "K": 8, "atoms": kind,
+            "curves": {"s": list(map(float, s)), "zeta_true": list(map(float, z))}}
+
+
+def test_limit_verdicts_need_the_whole_interval_on_one_side():
+    assert echo_truth.limit_verdict((0.05, 0.02, 0.09), 0.1) == "holds"
+    assert echo_truth.limit_verdict((0.05, 0.02, 0.10), 0.1) == "holds"
+    assert echo_truth.limit_verdict((0.2, 0.11, 0.3), 0.1) == "fails"
+    assert echo_truth.limit_verdict((0.1, 0.05, 0.15), 0.1) == "undecided"
+    assert echo_truth.limit_verdict((0.05, float("nan"), float("nan")), 0.1).startswith("undecided")
+
+
+def test_cluster_bootstrap_interval_covers_the_median_at_its_nominal_rate():
+    # 20 matrices x 5 steps, a per-matrix offset (steps of one matrix are correlated): the population median is 0
+    gen = np.random.default_rng(0)
+    hits, n_draws = 0, 200
+    for d in range(n_draws):
+        offsets = gen.normal(0, 1, 20)
+        clusters = {f"m{i}": list(o + 0.5 * gen.normal(0, 1, 5)) for i, o in enumerate(offsets)}
+        _, lo, hi = echo_truth.cluster_bootstrap(clusters, n_boot=500, seed=d)
+        hits += lo <= 0 <= hi
+    assert 0.85 <= hits / n_draws <= 0.95, hits / n_draws
+    # each draw's median is np.median of the drawn clusters' values
+    gen_check = np.random.default_rng(7)
+    picks = gen_check.integers(0, 20, (3, 20))
+    groups = list(clusters.values())
+    expected = sorted(float(np.median(np.concatenate([groups[i] for i in p]))) for p in picks)
+    assert echo_truth.cluster_bootstrap(clusters, n_boot=3, level=1.0, seed=7)[1] == pytest.approx(expected[0])
+    assert echo_truth.cluster_bootstrap(clusters, n_boot=3, level=1.0, seed=7)[2] == pytest.approx(expected[-1])
+    # resampling single values instead of clusters would be too narrow: the clustered interval is wider
+    flat = {str(i): [v] for i, v in enumerate(sum(clusters.values(), []))}
+    width = lambda ci: ci[2] - ci[1]
+    assert width(echo_truth.cluster_bootstrap(clusters)) > 1.3 * width(echo_truth.cluster_bootstrap(flat))
+
+
+def test_reversal_test_finds_a_planted_rise_and_not_noise_around_a_falling_curve():
+    gen = np.random.default_rng(1)
+    s = np.logspace(0, -3, 96)
+    falling = s ** 2 / (s ** 2 + 0.01 ** 2) * 0.7
+    for _ in range(5):
+        z = falling + gen.normal(0, 0.05, s.size)
+        assert echo_truth.reversal_z(*echo_truth.true_curve(curve_record("m", 0, z, s))).max() < 4.0
+    bumped = falling.copy()
+    bumped[48:56] += 0.3  # one bin rises 0.3 above its higher-s neighbour
+    z = bumped + gen.normal(0, 0.05, s.size)
+    assert echo_truth.reversal_z(*echo_truth.true_curve(curve_record("m", 0, z, s))).max() > 5.0
+
+
+def test_family_fits_and_transfers_are_scored_held_out_against_a_free_curve():
+    gen = np.random.default_rng(2)
+    s = np.logspace(0, -3, 128)
+    hill_floor = lambda tau: 0.05 + 0.95 * s ** 2 / (s ** 2 + tau ** 2)  # in the family: r0 + (1 - r0) hill
+    recs = [curve_record(f"m{i}", step, hill_floor(tau) + gen.normal(0, 0.03, s.size), s)
+            for i in range(2) for step, tau in ((0, 0.03), (50, 0.03), (100, 0.3))]
+    wavy = np.clip(0.5 + 0.3 * np.sin(1.5 * np.log(s)), 0, 1) + gen.normal(0, 0.03, s.size)
+    recs.append(curve_record("w", 0, wavy, s, typ="v"))
+    analysis = echo_truth.CurveAnalysis(recs)
+    fits = analysis.fits
+    for i in range(2):
+        assert fits[f"m{i}", 0, "momentum"]["hill_floor"] / fits[f"m{i}", 0, "momentum"]["free"] < 1.1
+    assert fits["w", 0, "momentum"]["hill_floor"] / fits["w", 0, "momentum"]["free"] > 1.5  # 2 constants miss it
+    ratios = echo_truth.transfer_ratios(analysis, "momentum", "hill_floor")
+    for i in range(2):
+        same, moved = ratios[f"m{i}"]  # steps 0 -> 50 (same tau), 50 -> 100 (tau x 10)
+        assert same < 1.1 and moved > 2.0
+    shared = echo_truth.shared_curve_ratios(analysis, "momentum", "hill_floor")
+    assert all(r < 1.1 for i in range(2) for r in shared[f"m{i}"])  # the two matrices share their curve
