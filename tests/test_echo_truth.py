@@ -218,11 +218,13 @@ def test_reversal_test_finds_a_planted_rise_and_not_noise_around_a_falling_curve
     falling = s ** 2 / (s ** 2 + 0.01 ** 2) * 0.7
     for _ in range(5):
         z = falling + gen.normal(0, 0.05, s.size)
-        assert echo_truth.reversal_z(*echo_truth.true_curve(curve_record("m", 0, z, s))).max() < 4.0
+        _, _, p = echo_truth.reversal_tests(*echo_truth.true_curve(curve_record("m", 0, z, s)))
+        assert p.min() > 0.05 / p.size  # no false alarm at the family-wise 5% level
     bumped = falling.copy()
     bumped[48:56] += 0.3  # one bin rises 0.3 above its higher-s neighbour
     z = bumped + gen.normal(0, 0.05, s.size)
-    assert echo_truth.reversal_z(*echo_truth.true_curve(curve_record("m", 0, z, s))).max() > 5.0
+    rise, _, p = echo_truth.reversal_tests(*echo_truth.true_curve(curve_record("m", 0, z, s)))
+    assert p.min() < 0.05 / p.size and p.argmin() == 5 and rise[5] > 0.1  # bin 6 (atoms 48-55) over bin 5
 
 
 def test_family_fits_and_transfers_are_scored_held_out_against_a_free_curve():
@@ -244,3 +246,13 @@ def test_family_fits_and_transfers_are_scored_held_out_against_a_free_curve():
         assert same < 1.1 and moved > 2.0
     shared = echo_truth.shared_curve_ratios(analysis, "momentum", "hill_floor")
     assert all(r < 1.1 for i in range(2) for r in shared[f"m{i}"])  # the two matrices share their curve
+
+
+def test_weight_cosine_is_scale_free_and_one_for_the_true_zeta():
+    s = np.array([3.0, 2.0, 1.0, 1e-12])  # the null atom is left out
+    z = np.array([0.8, 0.4, 0.1, 0.9])
+    rec = curve_record("m", 0, z, s)
+    rec["curves"].update({"zeta_a": list(2 * z), "zeta_msign": [1.0] * 4})
+    assert echo_truth.weight_cosine(rec, "a") == pytest.approx(1.0)
+    assert echo_truth.weight_cosine(rec, "msign") == pytest.approx(z[:3].sum() / (math.sqrt(3) * np.linalg.norm(z[:3])))
+    assert echo_truth.weight_cosine(rec, "absent") is None
