@@ -1109,7 +1109,10 @@ def probe_checkpoint(path: str, K: int, n_boot: int, seed: int, train_files: str
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
+    """Records of a JSONL file, plain or gzip-compressed (name ending in .gz: how large studies are committed)."""
+    import gzip
+
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -1180,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw a second, independent set of K replicates per checkpoint for the same-step null "
                              "of the stability transfer ratio (doubles the gradient passes)")
     parser.add_argument("--summarize", metavar="DIR", help="only rebuild summary.md and plots from DIR/probe.jsonl "
-                                                           "(or DIR/truth.jsonl of a --truth study)")
+                                                           "(or DIR/truth.jsonl[.gz] of a --truth study)")
     parser.add_argument("--title", default=None)
     truth = parser.add_argument_group("ground truth (--truth): every estimator against the mean of many replicates")
     truth.add_argument("--truth", action="store_true", help="run the truth study (echo_truth.py) instead of the probe")
@@ -1197,11 +1200,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         out = args.summarize
         meta = json.load(open(os.path.join(out, "meta.json")))
-        if os.path.exists(os.path.join(out, "truth.jsonl")):
+        truth = [os.path.join(out, n) for n in ("truth.jsonl", "truth.jsonl.gz") if os.path.exists(os.path.join(out, n))]
+        if truth:
             import echo_truth
 
-            print(echo_truth.write_truth_summary(out, read_jsonl(os.path.join(out, "truth.jsonl")), meta,
-                                                 meta.get("plot_k", 8)))
+            print(echo_truth.write_truth_summary(out, read_jsonl(truth[0]), meta, meta.get("plot_k", 8)))
         else:
             print(write_outputs(out, read_jsonl(os.path.join(out, "probe.jsonl")), meta))
         return 0

@@ -163,6 +163,12 @@ def test_truth_command_line_end_to_end(tmp_path):
     assert (out / "truth_step2.png").exists()
     assert json.load(open(out / "meta.json"))["n_truth"] == 8
     assert spectral_probe.main(["--summarize", str(out)]) == 0  # rebuilt from the JSONL alone
+    import gzip
+    import shutil
+    with open(out / "truth.jsonl", "rb") as src, gzip.open(out / "truth.jsonl.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)  # how a large study is committed
+    (out / "truth.jsonl").unlink()
+    assert spectral_probe.main(["--summarize", str(out)]) == 0 and (out / "summary.md").read_text() == text
     # bad input: a clear error (exit 2) before any work
     for bad, message in ((["--k-list", "2,8"], "k-list"), (["--truth-replicates", "7"], "even"),
                          (["--plot-k", "16"], "plot-k")):
