@@ -1029,10 +1029,15 @@ def gpt_hidden_matrices(model) -> dict[str, torch.nn.Parameter]:
             for n, p in block.named_parameters() if p.ndim >= 2}
 
 
-def random_row_batches(pattern: str, rows: int, seq_len: int,
-                       seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def random_row_batches(pattern: str, rows: int, seq_len: int, seed: int,
+                       disjoint: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of `rows` rows of seq_len + 1 tokens from uniformly random positions of the shards (i.i.d.
-    replicates of the data distribution); (inputs, targets) int64 (rows, seq_len)."""
+    replicates of the data distribution); (inputs, targets) int64 (rows, seq_len).
+
+    disjoint=True: no row shares a token with any earlier row of this iterator (positions drawn again until
+    free), so replicates drawn from it never reuse text: sampling without replacement. ValueError when the
+    shards have no free room left for a row.
+    """
     from data.shards import list_shards, read_shard
 
     shards = [read_shard(p) for p in list_shards(pattern)]
@@ -1040,12 +1045,21 @@ def random_row_batches(pattern: str, rows: int, seq_len: int,
     if (sizes <= 0).all():
         raise ValueError(f"no shard matching {pattern!r} holds a row of {seq_len + 1} tokens")
     weights = np.clip(sizes, 0, None) / np.clip(sizes, 0, None).sum()
+    used = [np.zeros(len(s), dtype=bool) for s in shards] if disjoint else None  # tokens already in a row
     gen = np.random.default_rng(seed)
     while True:
         batch = np.empty((rows, seq_len + 1), dtype=np.int64)
         for b in range(rows):
-            k = gen.choice(len(shards), p=weights)
-            start = int(gen.integers(0, sizes[k] + 1))
+            for _attempt in range(10_000):
+                k = gen.choice(len(shards), p=weights)
+                start = int(gen.integers(0, sizes[k] + 1))
+                if used is None or not used[k][start:start + seq_len + 1].any():
+                    break
+            else:
+                raise ValueError(f"no free room for another disjoint row of {seq_len + 1} tokens in {pattern!r}: "
+                                 "draw fewer replicates or use more training data")
+            if used is not None:
+                used[k][start:start + seq_len + 1] = True
             batch[b] = shards[k][start:start + seq_len + 1]
         x = torch.from_numpy(batch)
         yield x[:, :-1], x[:, 1:]
@@ -1095,7 +1109,10 @@ def probe_checkpoint(path: str, K: int, n_boot: int, seed: int, train_files: str
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
+    """Records of a JSONL file, plain or gzip-compressed (name ending in .gz: how large studies are committed)."""
+    import gzip
+
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -1122,6 +1139,10 @@ def run_truth(args, parser) -> int:
                      f"floor; the study wants >= 64), got {args.truth_replicates}")
     if args.plot_k not in k_list:
         parser.error(f"--plot-k {args.plot_k} must be one of --k-list {k_list}")
+    noisy = [K for K in k_list if 4 * K > args.truth_replicates]
+    if noisy:  # the mean of K replicates has K / n_truth of the truth's noise: its errors then carry the truth's
+        print(f"note: K = {noisy} exceed --truth-replicates / 4 = {args.truth_replicates // 4}; errors of the mean and "
+              "momentum atoms there include a truth noise above a quarter of the estimator's", flush=True)
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "truth.jsonl")
     open(jsonl, "w").close()
@@ -1137,7 +1158,7 @@ def run_truth(args, parser) -> int:
                 f.write(json.dumps(r) + "\n")
         print(f"truth at {path}: {(datetime.datetime.now() - t0).total_seconds():.0f}s", flush=True)
         meta = {"title": args.title or os.path.basename(args.out.rstrip("/")), "study": "truth", **info,
-                "plot_k": args.plot_k, "layers": layers or "all",
+                "plot_k": args.plot_k, "layers": layers or "all", "seed": args.seed,
                 "checkpoints": ", ".join(os.path.basename(p.rstrip("/")) for p in args.checkpoint[: i + 1]),
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": args.device,
                 "cpu_threads": torch.get_num_threads()}
@@ -1162,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw a second, independent set of K replicates per checkpoint for the same-step null "
                              "of the stability transfer ratio (doubles the gradient passes)")
     parser.add_argument("--summarize", metavar="DIR", help="only rebuild summary.md and plots from DIR/probe.jsonl "
-                                                           "(or DIR/truth.jsonl of a --truth study)")
+                                                           "(or DIR/truth.jsonl[.gz] of a --truth study)")
     parser.add_argument("--title", default=None)
     truth = parser.add_argument_group("ground truth (--truth): every estimator against the mean of many replicates")
     truth.add_argument("--truth", action="store_true", help="run the truth study (echo_truth.py) instead of the probe")
@@ -1179,11 +1200,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         out = args.summarize
         meta = json.load(open(os.path.join(out, "meta.json")))
-        if os.path.exists(os.path.join(out, "truth.jsonl")):
+        truth = [os.path.join(out, n) for n in ("truth.jsonl", "truth.jsonl.gz") if os.path.exists(os.path.join(out, n))]
+        if truth:
             import echo_truth
 
-            print(echo_truth.write_truth_summary(out, read_jsonl(os.path.join(out, "truth.jsonl")), meta,
-                                                 meta.get("plot_k", 8)))
+            print(echo_truth.write_truth_summary(out, read_jsonl(truth[0]), meta, meta.get("plot_k", 8)))
         else:
             print(write_outputs(out, read_jsonl(os.path.join(out, "probe.jsonl")), meta))
         return 0

@@ -33,7 +33,8 @@ from optimizers.echo import check_replicates
 
 __all__ = ["ALIGNMENTS", "SOLVERS", "MIN_REVERB_REPLICAS", "replica_stack", "replica_svds", "mean_svd",
            "align_atoms", "reverb_matrices", "solve_reverb", "reverb_from_svds", "reverb_echo", "plateau_rho",
-           "cross_polar_echo", "true_echo", "polar_factor", "subset_svds"]
+           "cross_polar_echo", "true_echo", "polar_factor", "subset_svds", "zeta_from_reverb",
+           "cross_polar_matrix", "zeta_from_cross_polar"]
 
 ALIGNMENTS = ("greedy_mean", "hungarian_ref", "none")
 SOLVERS = ("fieller", "ols_weighted", "ols_division_free")
@@ -216,6 +217,14 @@ def solve_reverb(Z: torch.Tensor, solver: str) -> torch.Tensor:
     return s.T  # (K, D)
 
 
+def zeta_from_reverb(Z: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zeta (D,), zeta_per_pivot (K, D)) from reverb matrices Z (D, K, K): the solver's zeta^2 per pivot, the
+    square root of its positive part, the median over pivots. Z of K replicas aligned independently of each other
+    (align "hungarian_ref" or "none") restricted to its first K' rows and columns is the Z of those K' replicas."""
+    zeta_pivot = solve_reverb(Z, solver).clamp_min(0.0).sqrt()
+    return zeta_pivot.median(0).values, zeta_pivot
+
+
 def reverb_from_svds(svds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      mean: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      align: str = "greedy_mean", solver: str = "fieller") -> dict[str, torch.Tensor]:
@@ -224,11 +233,8 @@ def reverb_from_svds(svds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     if K < MIN_REVERB_REPLICAS:
         raise ValueError(f"the reverb needs at least {MIN_REVERB_REPLICAS} replicas, got K={K}; {FEW_REPLICAS_HINT}")
     U, S, V = align_atoms(svds, align, mean)
-    s_pivot = solve_reverb(reverb_matrices(U, V), solver)  # (K, D)
-    zeta_pivot = s_pivot.clamp_min(0.0).sqrt()
-    return {"s": mean[1], "zeta": zeta_pivot.median(0).values, "zeta_per_pivot": zeta_pivot,
-            "s_replicas": S}
-
+    zeta, zeta_pivot = zeta_from_reverb(reverb_matrices(U, V), solver)
+    return {"s": mean[1], "zeta": zeta, "zeta_per_pivot": zeta_pivot, "s_replicas": S}
 
 
 
@@ -315,16 +321,30 @@ def cross_polar_echo(replicas, svds=None, dtype: torch.dtype = torch.float64) ->
     overlap products.
     """
     R = replica_stack(replicas, 2, "cross_polar_echo", "it pairs each replica with another", dtype=dtype)
-    K = R.size(0)
-    U, S, V = replica_svds(R) if svds is None else svds
+    zeta, zeta_per_replica = zeta_from_cross_polar(cross_polar_matrix(replica_svds(R) if svds is None else svds,
+                                                                      max(R.shape[1:])))
+    return {"s": torch.linalg.svdvals(R.mean(0)), "zeta": zeta, "zeta_per_replica": zeta_per_replica}
+
+
+def cross_polar_matrix(svds: tuple[torch.Tensor, torch.Tensor, torch.Tensor], max_dim: int) -> torch.Tensor:
+    """z (K, K, D): z[a, b, i] = u_i^(a)T msign(G^(b)) v_i^(a) from replica SVDs (U (K, M, D), S, V); max_dim =
+    max(M, N) for the rank tolerance. Entry [a, b] depends on replicas a and b only: the z of the first K' replicas
+    is z[:K', :K']."""
+    U, S, V = svds
     # z[a, b, i] = sum_j (U_a^T U_b)[i, j] (V_a^T V_b)[i, j] keep[b, j]: msign(G^b) = sum_j u_j^b v_j^b^T (s_j > 0)
-    tol = S.amax(1, keepdim=True) * max(R.shape[1:]) * torch.finfo(S.dtype).eps
+    tol = S.amax(1, keepdim=True) * max_dim * torch.finfo(S.dtype).eps
     keep = (S > tol).to(U.dtype)  # (K, D)
-    z = torch.stack([((U[a].mT @ U) * (V[a].mT @ V) * keep.unsqueeze(1)).sum(-1) for a in range(K)])  # (K, K, D)
+    return torch.stack([((U[a].mT @ U) * (V[a].mT @ V) * keep.unsqueeze(1)).sum(-1) for a in range(U.size(0))])
+
+
+def zeta_from_cross_polar(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zeta (D,), zeta_per_replica (K, D)) from z (K, K, D): per replica the square root of the positive part of
+    its mean cross term over the other K - 1 replicas; zeta is the median over replicas."""
+    K = z.size(0)
     off = 1 - torch.eye(K, dtype=z.dtype, device=z.device)
     mean_cross = (z * off.unsqueeze(-1)).sum(1) / (K - 1)  # (K, D)
     zeta = mean_cross.clamp_min(0.0).sqrt()
-    return {"s": torch.linalg.svdvals(R.mean(0)), "zeta": zeta.median(0).values, "zeta_per_replica": zeta}
+    return zeta.median(0).values, zeta
 
 
 # ----------------------------------------------------------------------------------------------
