@@ -193,6 +193,16 @@ MEDIUM_RECORD_18 = dict(
     val_loss_every=250,
 )
 
+# The CPU presets' model and optimizer settings (cpu-bytes and cpu-tiny differ only in tokens, rows and steps).
+CPU_SMALL_MODEL = dict(
+    device="cpu", compile=False,
+    cpu_threads=1,  # 128-wide matrices gain little from a 2nd thread; on a busy machine it was 4x slower
+    val_tokens=32768, val_seq_len=4096,
+    num_layers=4, model_dim=128, num_heads=4, head_dim=32,
+    num_value_embeds=1, skip_connections="1:2,0:3", mlp_only_layers="", long_window_layers="0,3", window_block=32,
+    lr=0.02, embed_lr=0.1, head_lr=0.01, scalar_lr=0.01, warmup_steps=0, report_baselines=True,
+)
+
 PRESETS: dict[str, dict] = {
     "medium": MEDIUM_RECORD_18,
     # Record 8 of the medium track (24.50 min, 5960 steps, 04/22/25): the recipe of
@@ -223,32 +233,23 @@ PRESETS: dict[str, dict] = {
     # corpus (`data/prepare_demo_data.py`, data/demo/bytes_*), so the hidden matrices (0.8M parameters) dominate
     # the compute and the loss, not a 50,304-way head. 300 steps x 1,024 bytes in about 2 minutes on one thread.
     "cpu-bytes": dict(
-        device="cpu", compile=False,
-        cpu_threads=1,  # 128-wide matrices gain little from a 2nd thread; on a busy machine it was 4x slower
+        **CPU_SMALL_MODEL,
         train_files="data/demo/bytes_train_*.bin", val_files="data/demo/bytes_val_*.bin",
         vocab_size=256, bos_id=0,  # UTF-8 bytes 1..255; 0 marks a document start
-        val_tokens=32768, seq_len=128, micro_batch_tokens=1024, batch_tokens=1024, val_seq_len=4096,
+        seq_len=128, micro_batch_tokens=1024, batch_tokens=1024,
         align_to_bos=False,  # documents (1,000-5,000 bytes) are longer than a row: aligned rows would skip most text
         sample_rows=True,  # independent rows: each 1,024-byte step (and micro-batch) mixes 8 documents
-        num_layers=4, model_dim=128, num_heads=4, head_dim=32,
-        num_value_embeds=1, skip_connections="1:2,0:3", mlp_only_layers="", long_window_layers="0,3",
-        max_window_tokens=128, window_block=32,
-        num_iterations=300, lr=0.02, embed_lr=0.1, head_lr=0.01, scalar_lr=0.01,
-        momentum_warmup_steps=60, warmup_steps=0, val_loss_every=50, print_every=25, report_baselines=True,
+        max_window_tokens=128, num_iterations=300, momentum_warmup_steps=60, val_loss_every=50, print_every=25,
     ),
     # The same architecture on GPT-2 tokens of the demo corpus (data/demo/demo_*): 20M parameters, 19M of them in
     # the three vocab tables, so the 50,304-way head takes most of the compute. Checks the GPT-2 path on a CPU.
     "cpu-tiny": dict(
-        device="cpu", compile=False, cpu_threads=1,
+        **CPU_SMALL_MODEL,
         train_files="data/demo/demo_train_*.bin", val_files="data/demo/demo_val_*.bin",
-        val_tokens=32768, seq_len=256, micro_batch_tokens=1024, batch_tokens=2048, val_seq_len=4096,
+        seq_len=256, micro_batch_tokens=1024, batch_tokens=2048,
         align_to_bos=False,  # documents (300-1,500 tokens) are longer than a row: aligned rows would skip most text
         sample_rows=True,  # independent rows: each step mixes 8 documents
-        num_layers=4, model_dim=128, num_heads=4, head_dim=32,
-        num_value_embeds=1, skip_connections="1:2,0:3", mlp_only_layers="", long_window_layers="0,3",
-        max_window_tokens=256, window_block=32,
-        num_iterations=150, lr=0.02, embed_lr=0.1, head_lr=0.01, scalar_lr=0.01,
-        momentum_warmup_steps=30, warmup_steps=0, val_loss_every=25, print_every=10, report_baselines=True,
+        max_window_tokens=256, num_iterations=150, momentum_warmup_steps=30, val_loss_every=25, print_every=10,
     ),
     # The optimizer benchmark (modded-nanogpt track 3), baseline #36 (tuned Muon + aux AdamW, 3250 steps, val loss
     # 3.2787 over 10 runs): records/track_3_optimization/train_gpt_simple.py. GPT-2 small with biases and norm
