@@ -97,6 +97,9 @@ PROTOCOLS: dict[str, Protocol] = {
         lr_grids={"adamw": [0.001, 0.0014, 0.002, 0.0028, 0.004], "muon": [0.014, 0.02, 0.028, 0.04, 0.057]},
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         max_parallel=2,
+        # the echo modes that shrink every direction (plateau: rho x soft sign) need several times Muon's lr, so
+        # their grids, which start at Muon's, may need more than 3 points beyond its high edge
+        max_grid_extensions=5,
     ),
     # gpu-1: the medium model on FineWeb on any single GPU: 300 steps x 262,144 tokens (4 x 64K micro-batches).
     # The record-8 recipe with no weight decay (what `medium` meant when this protocol was written; the record-18
