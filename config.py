@@ -231,7 +231,8 @@ PRESETS: dict[str, dict] = {
     },
     # The CPU research loop and demo (`python train_gpt.py` without CUDA): byte-level tokens of the shuffled demo
     # corpus (`data/prepare_demo_data.py`, data/demo/bytes_*), so the hidden matrices (0.8M parameters) dominate
-    # the compute and the loss, not a 50,304-way head. 300 steps x 1,024 bytes in 1.5 minutes on one thread (idle machine).
+    # the compute and the loss, not a 50,304-way head. 300 steps x 1,024 bytes: 1.5 minutes on one thread of an
+    # idle machine.
     "cpu-bytes": dict(
         **CPU_SMALL_MODEL,
         train_files="data/demo/bytes_train_*.bin", val_files="data/demo/bytes_val_*.bin",
