@@ -235,6 +235,11 @@ class PendingGrads:
         self._value, self.work, self._divisor, self._finish, self._sent = value, work, divisor, finish, sent
         self._done = False
 
+    @property
+    def works(self) -> list[Any]:
+        """Every async handle behind this reduction (what an error path must wait for)."""
+        return [self.work]
+
     def wait(self) -> Any:
         if not self._done:
             if self.work is not None:
@@ -426,7 +431,7 @@ class ShardedMatrixOptimizer(torch.optim.Optimizer):
             for gather in gathers:
                 gather.wait()
         except BaseException as error:
-            wait_for_all([p.work for p in pending] + [g.work for g in gathers], error)
+            wait_for_all([w for p in pending for w in p.works] + [g.work for g in gathers], error)
             raise
         for group in self.param_groups:
             group["step"] += 1

@@ -109,6 +109,10 @@ class PendingNorms:
     def __init__(self, grads: PendingGrads, sq: torch.Tensor, work, start: int, K: int):
         self.grads, self.sq, self.work, self.start, self.K = grads, sq, work, start, K
 
+    @property
+    def works(self) -> list:
+        return self.grads.works + [self.work]
+
     def wait(self) -> ReplicateNorms:
         mean = self.grads.wait()
         if self.work is not None:

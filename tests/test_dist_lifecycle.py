@@ -2,7 +2,7 @@
 
 Every collective an optimizer step starts is waited on before step() returns, and before an error in the step
 propagates: checked with recording stand-ins for the torch.distributed collectives at world size 2, from both
-ranks (rank 1 owns nothing in the (5, 5) bucket), on ordinary and spectral-echo fit steps. close_process_group()
+ranks (rank 1 owns nothing in the (5, 5) bucket), on ordinary steps and on the fit steps of every spectral-echo mode. close_process_group()
 leaves no gloo thread alive: checked on a real one-rank gloo group in this process; the 2-rank workers
 (tests/dist_optim_worker.py, tests/test_spectral_echo.py) check the same after their real 2-rank runs.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import optimizers.distributed as sharded
-from optimizers import AdamWMatrix, DistAdam, Muon, SpectralEcho, SpectralORD
+from optimizers import AdamWMatrix, DistAdam, Muon, NorMuon, SpectralEcho, SpectralORD
 from optimizers.distributed import close_process_group, gloo_threads, start_process_group, wait_for_all
 
 WORLD = 2
@@ -77,6 +77,11 @@ def build(name: str, params):
         return SpectralORD(matrices, lr=0.02, spectral_lr_mul=0.5)
     if name == "spectral_echo":  # step 0: a fit step (2 ranks x 2 micro-batches = 4 replicates); step 1: ordinary
         return SpectralEcho(matrices, lr=0.02, fit_every=2, n_bins=8, bin_min=1e-2)
+    if name in ("spectral_echo_plateau", "spectral_echo_reverb"):  # fit step 0 sends norms / every replicate
+        mode = "plateau" if name.endswith("plateau") else "reverb_svd"
+        return SpectralEcho(matrices, lr=0.02, fit_every=2, mode=mode)
+    if name == "normuon":
+        return NorMuon(matrices, lr=0.02)
     if name == "adam":
         return DistAdam(params, lr=0.01)  # (8, 12) rows are reduce-scattered, (5, 5) and (6,) all-reduced
     return AdamWMatrix(matrices, lr=0.01)
@@ -98,7 +103,8 @@ def failing(*args, **kwargs):
     raise FloatingPointError("injected failure in the first update")
 
 
-OPTIMIZER_NAMES = ["muon", "spectral_ord", "spectral_echo", "adam", "adamw"]
+OPTIMIZER_NAMES = ["muon", "normuon", "spectral_ord", "spectral_echo", "spectral_echo_plateau", "spectral_echo_reverb",
+                   "adam", "adamw"]
 
 
 @pytest.mark.parametrize("two_fake_ranks", [0, 1], indirect=True, ids=["rank0", "rank1"])
@@ -108,7 +114,7 @@ def test_step_waits_for_every_collective_it_starts(two_fake_ranks, name):
     opt = build(name, params)
     for step in range(2):
         feed(opt, params, step)
-        if name == "spectral_echo":
+        if name.startswith("spectral_echo"):
             assert opt.replicates_wanted() == (step == 0)  # a fit step, then an ordinary one
         opt.step()
         assert two_fake_ranks, "no collective started: the world-size-2 path was not taken"
