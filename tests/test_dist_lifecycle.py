@@ -2,9 +2,9 @@
 
 Every collective an optimizer step starts is waited on before step() returns, and before an error in the step
 propagates: checked with recording stand-ins for the torch.distributed collectives at world size 2, from both
-ranks (rank 1 owns nothing in the (5, 5) bucket), on ordinary steps and on the fit steps of every spectral-echo mode. close_process_group()
-leaves no gloo thread alive: checked on a real one-rank gloo group in this process; the 2-rank workers
-(tests/dist_optim_worker.py, tests/test_spectral_echo.py) check the same after their real 2-rank runs.
+ranks (rank 1 owns nothing in the (5, 5) bucket), on ordinary steps and on the fit steps of every spectral-echo
+mode. close_process_group() leaves no gloo thread alive: checked on a real one-rank gloo group in this process; the
+2-rank workers (tests/dist_optim_worker.py, tests/test_spectral_echo.py) check the same after their real runs.
 """
 from __future__ import annotations
 
