@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from optimizers import echo, reverb
+from spectral_probe import finite_median
 
 REGIONS = ("top", "knee", "bulk")
 TOP_LEVEL, BULK_LEVEL = 0.5, 0.1  # region edges as fractions of the kind's largest true zeta
@@ -350,11 +351,6 @@ CI_LEVEL, N_BOOT = 0.9, 2000
 REVERSAL_ALPHA = 0.05  # family-wise false-alarm rate of the monotonicity test (Bonferroni over its bin pairs)
 
 
-def _med(values) -> float:
-    v = [x for x in values if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
-    return float(np.median(v)) if v else float("nan")
-
-
 def _select(records, **keys) -> list[dict]:
     return [r for r in records if r.get("kind") == "truth" and all(r.get(k) == v for k, v in keys.items())]
 
@@ -586,7 +582,7 @@ def _row(assumption: str, numbers: str, verdict: str, uncertainty: str) -> dict:
 
 
 def _best(recs: list[dict], names, region: str) -> str:
-    return min(names, key=lambda e: _med([_get(r, "zeta", e, region) for r in recs]))
+    return min(names, key=lambda e: finite_median([_get(r, "zeta", e, region) for r in recs]))
 
 
 def truth_verdicts(records: list[dict], plot_k: int = 8, analysis: CurveAnalysis | None = None) -> list[dict]:
@@ -609,7 +605,7 @@ def truth_verdicts(records: list[dict], plot_k: int = 8, analysis: CurveAnalysis
     excess = lambda K, e, g="top": _paired(rep(K), e, oracle, g)
     cands = {"the user's reverb": USERS_OPTIMIZER, f"best reverb ({best})": best, "cross-polar": "cross_polar"}
     ex = {c: {K: excess(K, e) for K in ks} for c, e in cands.items()}
-    bias_share = _med([(_get(r, "zeta", best, "top", "bias") or 0) ** 2 / max(_get(r, "zeta", best, "top") or 1e-12,
+    bias_share = finite_median([(_get(r, "zeta", best, "top", "bias") or 0) ** 2 / max(_get(r, "zeta", best, "top") or 1e-12,
                                                                              1e-12) ** 2 for r in rep(k_top)])
     first_ok = lambda d: next((K for K in ks if limit_verdict(d[K], EXCESS_LIMIT) == "holds"), None)
     k_ok = {c: first_ok(d) for c, d in ex.items()}
@@ -653,8 +649,8 @@ def truth_verdicts(records: list[dict], plot_k: int = 8, analysis: CurveAnalysis
         return "; ".join(parts + [f"cross-polar (no alignment) {_ci(_err(rep(K), 'cross_polar', 'top'))}",
                                   f"oracle {_ci(_err(rep(K), oracle, 'top'))}"])
     diff = _paired(rep(k0), best, "cross_polar", "top")
-    mech = {g: (_med([r["mechanism"][g]["zeta"] for r in rep(k0)]),
-                _med([r["mechanism"][g]["single_atom"] for r in rep(k0)])) for g in ("top", "knee")}
+    mech = {g: (finite_median([r["mechanism"][g]["zeta"] for r in rep(k0)]),
+                finite_median([r["mechanism"][g]["single_atom"] for r in rep(k0)])) for g in ("top", "knee")}
     perm_gain = _paired(rep(k0), _best(rep(k0), [f"reverb:none:{s}" for s in reverb.SOLVERS], "top"), best, "top")
     v = limit_verdict(diff, EXCESS_LIMIT)
     if v == "fails":
@@ -697,7 +693,7 @@ def truth_verdicts(records: list[dict], plot_k: int = 8, analysis: CurveAnalysis
     ratios = {k: {fam: fam_ratio(k, fam) for fam in FIT_FAMILIES} for k in tests}
     best_fam = {k: min(FIT_FAMILIES, key=lambda f: ratios[k][f][0]) for k in tests}
     shared = cluster_bootstrap(shared_curve_ratios(analysis, kind, best_fam[kind]))
-    d_typ = _med([len(true_curve(r)[1]) for r, _ in analysis.of(kind)])
+    d_typ = finite_median([len(true_curve(r)[1]) for r, _ in analysis.of(kind)])
     v = limit_verdict(ratios[kind][best_fam[kind]], FREE_CURVE_LIMIT)
     rows.append(_row(
         "O(1) constants describe the curve",
@@ -762,7 +758,7 @@ def truth_verdicts(records: list[dict], plot_k: int = 8, analysis: CurveAnalysis
         "paired cluster bootstrap over matrices"))
     amp = {k: {g: _err(_select(records, K=k0, atoms=k), "cross_projection", g, what="amplitude") for g in REGIONS}
            for k in KINDS if _select(records, atoms=k)}
-    floor = {k: {g: _med([r["floor"]["amplitude"][g] for r in _select(records, K=k0, atoms=k)]) for g in REGIONS}
+    floor = {k: {g: finite_median([r["floor"]["amplitude"][g] for r in _select(records, K=k0, atoms=k)]) for g in REGIONS}
              for k in amp}
     rows.append(_row(
         "Amplitude echo by cross-projection (what mode fit uses)",
@@ -784,12 +780,12 @@ def summary_tables(records: list[dict], plot_k: int = 8) -> list[str]:
     recs = _select(records)
     ks = sorted({r["K"] for r in recs})
     kinds = [k for k in KINDS if _select(records, atoms=k)]
-    med = lambda rs, e, g, what="zeta": _med([_get(r, what, e, g) for r in rs])
+    med = lambda rs, e, g, what="zeta": finite_median([_get(r, what, e, g) for r in rs])
     lines = []
     for typ in sorted({r["type"] for r in recs}):
         sub = [r for r in recs if r["type"] == typ]
         head = [f"{k} {g}" for k in kinds for g in REGIONS] + [f"replica top K={K}" for K in ks]
-        nulls = _med([r["regions"].get("null", 0) for r in sub])
+        nulls = finite_median([r["regions"].get("null", 0) for r in sub])
         lines += [f"### {typ} ({len({r['name'] for r in sub})} matrices, steps {sorted({r['step'] for r in sub})}; "
                   f"median {nulls:.0f} numerically null atoms excluded)", "",
                   "| zeta estimator | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
@@ -798,12 +794,12 @@ def summary_tables(records: list[dict], plot_k: int = 8) -> list[str]:
             cells = [med(at[k], est, g) for k in kinds for g in REGIONS]
             cells += [med([r for r in sub if r["K"] == K and r["atoms"] == "replica"], est, "top") for K in ks]
             lines.append(f"| {est} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        floor = [_med([r["floor"]["zeta"][g] for r in at[k]]) for k in kinds for g in REGIONS]
+        floor = [finite_median([r["floor"]["zeta"][g] for r in at[k]]) for k in kinds for g in REGIONS]
         lines.append("| truth floor | " + " | ".join(f"{c:.3f}" for c in floor) + " |" + " - |" * len(ks))
         amp = [med(at[k], "cross_projection", g, "amplitude") for k in kinds for g in REGIONS]
         lines.append("| amplitude a/s_max: cross_projection | " + " | ".join(f"{c:.3f}" for c in amp) + " |"
                      + " - |" * len(ks))
-        amp_floor = [_med([r["floor"]["amplitude"][g] for r in at[k]]) for k in kinds for g in REGIONS]
+        amp_floor = [finite_median([r["floor"]["amplitude"][g] for r in at[k]]) for k in kinds for g in REGIONS]
         lines.append("| amplitude truth floor | " + " | ".join(f"{c:.3f}" for c in amp_floor) + " |" + " - |" * len(ks))
         lines.append("")
     return lines
@@ -815,7 +811,7 @@ def bias_table(records: list[dict], ests=PLOT_ESTIMATORS) -> list[str]:
     head = [f"K={K} {g}" for K in ks for g in REGIONS]
     lines = ["| estimator | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for e in ests:
-        cells = [_med([_get(r, "zeta", e, g, "bias") for r in _select(records, K=K, atoms="replica")])
+        cells = [finite_median([_get(r, "zeta", e, g, "bias") for r in _select(records, K=K, atoms="replica")])
                  for K in ks for g in REGIONS]
         lines.append(f"| {e} | " + " | ".join(f"{c:+.3f}" for c in cells) + " |")
     return lines
@@ -831,7 +827,7 @@ def write_truth_summary(out_dir: str, records: list[dict], meta: dict, plot_k: i
     n_truth = meta.get("n_truth")
     lines = [f"# Echo estimators against ground truth: {meta.get('title', os.path.basename(out_dir.rstrip('/')))}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k != "title"]
-    floors = {k: "/".join(f"{_med([r['floor']['zeta'][g] for r in _select(records, K=plot_k, atoms=k)]):.3f}"
+    floors = {k: "/".join(f"{finite_median([r['floor']['zeta'][g] for r in _select(records, K=plot_k, atoms=k)]):.3f}"
                           for g in REGIONS) for k in KINDS if _select(records, atoms=k)}
     lines += ["", f"Truth: the mean of {n_truth} replicates, disjoint from the estimators'. Its own error in zeta "
               "(split-half), median top/knee/bulk: " + "; ".join(f"{k} atoms {v}" for k, v in floors.items())
@@ -941,9 +937,9 @@ def plot_rmse_vs_k(out_dir: str, records: list[dict]) -> str:
     for j, typ in enumerate(types):
         ax = axes[0, j]
         for k, e in enumerate(ests):
-            y = [_med([_get(r, "zeta", e, "top") for r in recs if r["type"] == typ and r["K"] == K]) for K in ks]
+            y = [finite_median([_get(r, "zeta", e, "top") for r in recs if r["type"] == typ and r["K"] == K]) for K in ks]
             ax.plot(range(len(ks)), y, "o-", ms=3, lw=1, color=f"C{k}", label=e)
-        floor = [_med([r["floor"]["zeta"]["top"] for r in recs if r["type"] == typ and r["K"] == K]) for K in ks]
+        floor = [finite_median([r["floor"]["zeta"]["top"] for r in recs if r["type"] == typ and r["K"] == K]) for K in ks]
         ax.plot(range(len(ks)), floor, "k--", lw=1, label="truth floor")
         ax.axhline(ENOUGH_RMSE, color="0.6", lw=0.6)
         ax.set_xticks(range(len(ks)), [str(K) for K in ks])  # K doubles from tick to tick in the usual list

@@ -594,7 +594,8 @@ def same_step_null(record: dict, R_null: torch.Tensor, n_splits: int, n_bins: in
 # Summary: verdicts per assumption
 
 
-def _med(values) -> float:
+def finite_median(values) -> float:
+    """Median of the finite numbers in values (None and non-numbers skipped); nan when there are none."""
     v = [x for x in values if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
     return float(np.median(v)) if v else float("nan")
 
@@ -726,26 +727,26 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     # replicate as starting point: B_simple vs the batch of one step
     b_simple = [r["d0"]["b_simple"] for r in mats]
     snr = [r["d0"]["snr_replicate"] for r in mats]
-    med_b = _med(b_simple)
+    med_b = finite_median(b_simple)
     ratio = med_b / step_tokens if step_tokens else float("nan")
-    below = _med([r["g"]["below_edge_share"] for r in mats])
-    above = _med([r["n_above_edge"] / min(r["shape"]) for r in mats])
+    below = finite_median([r["g"]["below_edge_share"] for r in mats])
+    above = finite_median([r["n_above_edge"] / min(r["shape"]) for r in mats])
     v = batch_verdict(ratio)
     rows.append({"assumption": "A replicate's gradient is a reasonable starting point (batch not OOMs too small)",
                  "diagnostic": "D0 B_simple vs tokens per step; (g) gain below the bulk edge",
                  "numbers": f"median B_simple {med_b:.3g} tokens = {ratio:.2g} x the {step_tokens} tokens of a step "
-                            f"(replicate {rep_tokens}); per-replicate signal/noise energy {_med(snr):.2g}; "
+                            f"(replicate {rep_tokens}); per-replicate signal/noise energy {finite_median(snr):.2g}; "
                             f"{100 * above:.0f}% of atoms above the isotropic bulk edge; {100 * below:.0f}% of "
                             "msign's first-order gain comes from atoms below it",
                  "verdict": v})
     # (a)
     hw = [r["a"]["knee_halfwidth"] for r in mats]
     pass_frac = _frac([h is not None and h < KNEE_PASS for h in hw])
-    share = _med([r["a"]["probe_noise_share"] for r in mats])
+    share = finite_median([r["a"]["probe_noise_share"] for r in mats])
     v = replicates_verdict(pass_frac)
     rows.append({"assumption": f"Enough replicates (here K = {K}) to estimate the echo curve",
                  "diagnostic": "(a) bootstrap 90% half-width at the knee < 0.05",
-                 "numbers": f"knee half-width median {_med(hw):.3f} (pass in {100 * pass_frac:.0f}% of matrices); "
+                 "numbers": f"knee half-width median {finite_median(hw):.3f} (pass in {100 * pass_frac:.0f}% of matrices); "
                             f"probe noise explains {100 * share:.0f}% (median) of the residual variance"
                             + (" -> misfit, not replicate count, dominates: pool layers/steps" if share < 0.2 else ""),
                  "verdict": v})
@@ -759,16 +760,16 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     v = fit_verdict(good, bad_shape)
     rows.append({"assumption": "Least squares fit the echo across the whole spectrum",
                  "diagnostic": "(b) best family (AIC): reduced chi^2 <= 2 and residual autocorrelation <= 0.3",
-                 "numbers": f"good fits in {100 * good:.0f}% of matrices; median reduced chi^2 {_med(rchi):.2g}, "
-                            f"median autocorrelation {_med(ac):.2g}; best families {counts}; R^2 bulk/knee/top "
-                            + "/".join(f"{_med([r['b']['r2_regions'][k] for r in mats]):.2f}"
+                 "numbers": f"good fits in {100 * good:.0f}% of matrices; median reduced chi^2 {finite_median(rchi):.2g}, "
+                            f"median autocorrelation {finite_median(ac):.2g}; best families {counts}; R^2 bulk/knee/top "
+                            + "/".join(f"{finite_median([r['b']['r2_regions'][k] for r in mats]):.2f}"
                                        for k in ("bulk", "knee", "top")),
                  "verdict": v})
     # (c)
-    it = _med([r["c"]["identifiable_top"] for r in mats])
-    ia = _med([r["c"]["identifiable_all"] for r in mats])
-    first_bad = _med([r["c"]["first_unidentifiable"] for r in mats])
-    deg = _med([r["c"]["degenerate_top"] for r in mats])
+    it = finite_median([r["c"]["identifiable_top"] for r in mats])
+    ia = finite_median([r["c"]["identifiable_all"] for r in mats])
+    first_bad = finite_median([r["c"]["first_unidentifiable"] for r in mats])
+    deg = finite_median([r["c"]["degenerate_top"] for r in mats])
     v = alignment_verdict(it)
     rows.append({"assumption": "Atoms can be aligned across replicates (no bad permutations / degenerate subspaces)",
                  "diagnostic": "(c) cross-half best overlap > 0.5 with margin > 0.25; jackknife gaps",
@@ -795,9 +796,9 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
                                "adjacent bins; top-bin dip; the same for the ratio echo / s",
                  "numbers": f"amplitude: {n_rev} of {len(mats)} matrix-steps with a significant reversal (max z "
                             f"{max_z:.2g}), {dips} top-bin dips, weighted Spearman median "
-                            f"{_med([r['d']['spearman'] for r in mats]):.2f}; ratio: {n_rev_ratio} of {len(mats)} "
+                            f"{finite_median([r['d']['spearman'] for r in mats]):.2f}; ratio: {n_rev_ratio} of {len(mats)} "
                             "with a significant reversal (Spearman median "
-                            f"{_med([r['d']['ratio']['spearman'] for r in mats]):.2f}); {n_bonf} amplitude "
+                            f"{finite_median([r['d']['ratio']['spearman'] for r in mats]):.2f}); {n_bonf} amplitude "
                             f"reversals above the family-wise 5% threshold z = {z_bonf:.2f} of {len(z_all)} tests",
                  "verdict": v})
     # (e)
@@ -825,15 +826,15 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
         gaps = [p[2] - p[1] for p in d["pairs"]]
         near = [t for t, g in zip(d["transfer"], gaps) if g <= NEARBY_STEPS]
         far = [t for t, g in zip(d["transfer"], gaps) if g > NEARBY_STEPS]
-        null = _med(d.get("null", []))
-        text = f"{fam}: transfer median {_med(near):.3g} over {len(near)} nearby pairs (<= {TRANSFER_REUSE} in " \
-               f"{100 * _frac([t <= TRANSFER_REUSE for t in near]):.0f}%), {_med(far):.3g} over {len(far)} far " \
+        null = finite_median(d.get("null", []))
+        text = f"{fam}: transfer median {finite_median(near):.3g} over {len(near)} nearby pairs (<= {TRANSFER_REUSE} in " \
+               f"{100 * _frac([t <= TRANSFER_REUSE for t in near]):.0f}%), {finite_median(far):.3g} over {len(far)} far " \
                "pairs; " \
                f"same-step null median {null:.3g} ({len(d.get('null', []))} matrices); " \
-               f"drift |z| median {_med(d['drift_z']):.2g}"
+               f"drift |z| median {finite_median(d['drift_z']):.2g}"
         parts.append(text)
-        if near and (worst_near is None or _med(near) > worst_near):
-            worst_near, worst_null = _med(near), (null if math.isfinite(null) else None)
+        if near and (worst_near is None or finite_median(near) > worst_near):
+            worst_near, worst_null = finite_median(near), (null if math.isfinite(null) else None)
     v = stability_verdict(worst_near if worst_near is not None else float("nan"), worst_null)
     rows.append({"assumption": "The constants are stable over training (or cheap to refit per step)",
                  "diagnostic": f"(f) drift z and transfer ratio between consecutive probed steps {across['steps']} "
@@ -845,7 +846,7 @@ def verdicts(records: list[dict], across: dict, meta: dict) -> list[dict]:
     for r in mats:
         for k, val in r["g"]["gain_rel_msign"].items():
             gains.setdefault(k, []).append(val)
-    gain_text = ", ".join(f"{k} {_med(v):.2f}" for k, v in gains.items())
+    gain_text = ", ".join(f"{k} {finite_median(v):.2f}" for k, v in gains.items())
     look = [m["lookahead"] for m in models if "lookahead" in m]
     look_text = ""
     if look:
@@ -885,13 +886,13 @@ def write_summary(out_dir: str, records: list[dict], meta: dict) -> str:
         rs = [r for r in mats if r["step"] == s]
         fams = [r["b"]["best"] for r in rs]
         top = max(set(fams), key=fams.count)
-        lines.append(f"| {s} | {len(rs)} | {_med([r['d0']['b_simple'] for r in rs]):.3g} | "
-                     f"{_med([r['d0']['snr_replicate'] for r in rs]):.3g} | "
-                     f"{_med([r['d0']['anisotropy_top10'] for r in rs]):.3g} | "
-                     f"{_med([r['a']['knee_x'] for r in rs]):.3g} | "
-                     f"{_med([r['a']['knee_halfwidth'] for r in rs]):.3f} | {top} ({fams.count(top)}/{len(fams)}) | "
-                     f"{sum(r['d']['reversals'] for r in rs)} | {_med([r['c']['identifiable_top'] for r in rs]):.2f} | "
-                     f"{_med([r['g']['below_edge_share'] for r in rs]):.2f} |")
+        lines.append(f"| {s} | {len(rs)} | {finite_median([r['d0']['b_simple'] for r in rs]):.3g} | "
+                     f"{finite_median([r['d0']['snr_replicate'] for r in rs]):.3g} | "
+                     f"{finite_median([r['d0']['anisotropy_top10'] for r in rs]):.3g} | "
+                     f"{finite_median([r['a']['knee_x'] for r in rs]):.3g} | "
+                     f"{finite_median([r['a']['knee_halfwidth'] for r in rs]):.3f} | {top} ({fams.count(top)}/{len(fams)}) | "
+                     f"{sum(r['d']['reversals'] for r in rs)} | {finite_median([r['c']['identifiable_top'] for r in rs]):.2f} | "
+                     f"{finite_median([r['g']['below_edge_share'] for r in rs]):.2f} |")
     lines += ["", "Units: x = s / bulk edge of the atom matrix (sigma_A (sqrt M + sqrt N)); ratio = echo / s.",
               "Plots: `echo_step<N>.png` (binned ratio with 90% bootstrap band, atoms, fitted curves per matrix), "
               "`constants.png` (fitted constants over steps). Raw numbers: `probe.jsonl`.", ""]

@@ -278,9 +278,9 @@ class DistAdam(torch.optim.Optimizer):
             for gather in gathers:
                 gather.wait()
         except BaseException as error:
-            stray = [pending.work for _, pending in self._in_flight.values()]
+            reductions = [pending for *_, pending in work] + [pending for _, pending in self._in_flight.values()]
             self._in_flight.clear()
-            wait_for_all([w[3].work for w in work] + stray + [g.work for g in gathers], error)
+            wait_for_all([w for pending in reductions for w in pending.works] + [g.work for g in gathers], error)
             raise
         return loss
 
